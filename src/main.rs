@@ -1,0 +1,248 @@
+//! The `biofoundry` command line.
+
+use biofoundry::catalogue::DeviceKind;
+use biofoundry::check::{CheckReport, check_source};
+use biofoundry::diagnostics::{locate, render_human};
+use biofoundry::labware::builtin;
+use biofoundry::plan::describe;
+use biofoundry::protocol::ParamOverride;
+use biofoundry::source::SourceFile;
+use biofoundry::units::Quantity;
+use biofoundry::validate::SimulatedLab;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "biofoundry", version, about = "Biofoundry workcell controller")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check protocol files: every mistake that can be found before a device moves.
+    ///
+    /// Exit code 0 when every file is valid (warnings allowed), 1 when any has
+    /// errors, 2 on usage errors.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Override a parameter from [params], checked like a value in the file.
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<ParamOverride>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Print the expanded operations of a protocol and the final well volumes.
+    Plan {
+        file: PathBuf,
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<ParamOverride>,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
+    /// Print the JSON Schema of the protocol format (for editor completion).
+    Schema,
+    /// List the built-in labware, or show one definition.
+    Labware { name: Option<String> },
+    /// List device kinds with their signals, setpoints, limits and actions.
+    Kinds { kind: Option<String> },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { files, params, format } => cmd_check(&files, &params, format),
+        Command::Plan { file, params, format } => cmd_plan(&file, &params, format),
+        Command::Schema => print_json(&biofoundry::schema::protocol_schema()).map(|_| ExitCode::SUCCESS),
+        Command::Labware { name } => cmd_labware(name.as_deref()),
+        Command::Kinds { kind } => cmd_kinds(kind.as_deref()),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").map_err(|e| e.to_string())
+}
+
+fn color() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn load(path: &PathBuf) -> Result<SourceFile, String> {
+    SourceFile::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn cmd_check(files: &[PathBuf], params: &[ParamOverride], format: Format) -> Result<ExitCode, String> {
+    let mut reports = Vec::new();
+    for path in files {
+        reports.push(check_source(load(path)?, params, &SimulatedLab));
+    }
+    let failed = reports.iter().any(CheckReport::has_errors);
+    match format {
+        Format::Json => {
+            let all: Vec<_> = reports
+                .iter()
+                .flat_map(|r| r.diagnostics.iter().map(|d| locate(&r.file, d)))
+                .collect();
+            print_json(&all)?;
+        }
+        Format::Human => {
+            let color = color();
+            let mut out = std::io::stdout().lock();
+            for r in &reports {
+                for d in &r.diagnostics {
+                    let _ = writeln!(out, "{}\n", render_human(&r.file, d, color));
+                }
+            }
+            for r in &reports {
+                let summary = match (r.error_count(), r.warning_count()) {
+                    (0, 0) => "ok".to_string(),
+                    (0, w) => format!("ok, {w} warning{}", plural(w)),
+                    (e, w) => format!("{e} error{}, {w} warning{}", plural(e), plural(w)),
+                };
+                let _ = writeln!(out, "{}: {summary}", r.file.display_path());
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn cmd_plan(file: &PathBuf, params: &[ParamOverride], format: Format) -> Result<ExitCode, String> {
+    let report = check_source(load(file)?, params, &SimulatedLab);
+    if report.has_errors() {
+        let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        for d in &report.diagnostics {
+            eprintln!("{}\n", render_human(&report.file, d, color));
+        }
+        eprintln!("{}: {} errors; no plan", report.file.display_path(), report.error_count());
+        return Ok(ExitCode::from(1));
+    }
+    let Some(plan) = report.plan else {
+        return Ok(ExitCode::from(1));
+    };
+    if format == Format::Json {
+        print_json(&plan)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "Plan for \"{}\": {} steps, {} operations",
+        plan.protocol,
+        plan.steps.len(),
+        plan.operation_count()
+    );
+    let mut n = 0usize;
+    for s in &plan.steps {
+        let after = if s.after.is_empty() {
+            "start".to_string()
+        } else {
+            s.after.join(", ")
+        };
+        let repeat = s
+            .repeat
+            .map(|r| match r.every_s {
+                Some(e) => format!(", {} times every {}", r.times, Quantity::seconds(e)),
+                None => format!(", {} times", r.times),
+            })
+            .unwrap_or_default();
+        let _ = writeln!(out, "\nstep {} ({}) after: {after}{repeat}", s.id, s.action);
+        let device = s.device.as_deref().unwrap_or("-");
+        for op in &s.operations {
+            n += 1;
+            let rep = op.repetition.map(|r| format!(" [{}]", r + 1)).unwrap_or_default();
+            let _ = writeln!(out, "  {n:>5}  {device:<6} {}{rep}", describe(&op.op));
+        }
+    }
+    if !plan.wells.is_empty() {
+        let _ = writeln!(out, "\nFinal volumes of the wells that changed:");
+        for w in &plan.wells {
+            let _ = writeln!(
+                out,
+                "  {}:{:<5} {:>10}  {}",
+                w.labware,
+                w.well,
+                Quantity::volume_ul(w.volume_ul).to_string(),
+                w.liquids.join(" + ")
+            );
+        }
+    }
+    for d in &report.diagnostics {
+        let _ = writeln!(out, "\n{}", render_human(&report.file, d, false));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_labware(name: Option<&str>) -> Result<ExitCode, String> {
+    match name {
+        None => {
+            let mut out = std::io::stdout().lock();
+            for n in builtin::builtin_names() {
+                if let Some(d) = builtin::builtin(n) {
+                    let _ = writeln!(out, "{n:<58} {}", d.size_description());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(n) => match builtin::builtin(n) {
+            Some(d) => print_json(d).map(|_| ExitCode::SUCCESS),
+            None => Err(format!("no built-in labware `{n}`; `biofoundry labware` lists them")),
+        },
+    }
+}
+
+fn cmd_kinds(kind: Option<&str>) -> Result<ExitCode, String> {
+    let kinds: Vec<DeviceKind> = match kind {
+        None => DeviceKind::ALL.to_vec(),
+        Some(k) => vec![DeviceKind::from_name(k).ok_or_else(|| format!("no device kind `{k}`"))?],
+    };
+    let mut out = std::io::stdout().lock();
+    for k in kinds {
+        let spec = k.spec();
+        let _ = writeln!(out, "{k}");
+        if spec.slots > 0 {
+            let _ = writeln!(out, "  slots: 1..{}", spec.slots);
+        }
+        for s in spec.signals {
+            let _ = writeln!(out, "  signal   {:<18} {:<12} {}", s.name, s.dimension.canonical_unit(), s.description);
+        }
+        for s in spec.setpoints {
+            let _ = writeln!(out, "  setpoint {:<18} {}", s.name, s.limits());
+        }
+        if !spec.pumps.is_empty() {
+            let _ = writeln!(out, "  pumps: {}", spec.pumps.join(", "));
+        }
+        for a in spec.actions {
+            let args: Vec<String> = a
+                .args
+                .iter()
+                .map(|x| if x.required { x.name.to_string() } else { format!("{}?", x.name) })
+                .collect();
+            let _ = writeln!(out, "  action   {:<18} {{{}}}  {}", a.name, args.join(", "), a.description);
+        }
+        let _ = writeln!(out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
