@@ -45,7 +45,11 @@ impl DeviceKind {
 
     /// "a liquid_handler", "an incubator".
     pub fn with_article(self) -> String {
-        let article = if self.name().starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+        let article = if self.name().starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
         format!("{article} {}", self.name())
     }
 
@@ -101,20 +105,27 @@ impl SetpointSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum ArgType {
-    Quantity { dimension: Dimension },
+    Quantity {
+        dimension: Dimension,
+    },
     /// Wells of one labware: `plate:A1`, `plate:A1:H12`, `plate:A1,B3`, `plate:quadrant(2)`.
     Wells,
     /// The name of a labware declared in `[labware]`.
     Labware,
     /// `<role>:<slot>`.
     Location,
-    Integer { min: i64, max: i64 },
+    Integer {
+        min: i64,
+        max: i64,
+    },
     Bool,
     Text,
     Condition,
     /// A list of signal names of the step's device.
     Signals,
-    Choice { options: &'static [&'static str] },
+    Choice {
+        options: &'static [&'static str],
+    },
     /// `{ cycles = 3, volume = "50 uL" }`.
     Mix,
     /// A pump of the step's device.
@@ -212,11 +223,7 @@ pub static BUILTIN_ACTIONS: &[ActionSpec] = &[
 
 /// Keys every step may have, whatever its action.
 pub static COMMON_STEP_KEYS: &[ArgSpec] = &[
-    arg_opt(
-        "id",
-        ArgType::Text,
-        "Unique step id (default step-<n>).",
-    ),
+    arg_opt("id", ArgType::Text, "Unique step id (default step-<n>)."),
     arg_req(
         "do",
         ArgType::Text,
@@ -296,7 +303,11 @@ const fn limited(
     }
 }
 
-const fn action(name: &'static str, args: &'static [ArgSpec], description: &'static str) -> ActionSpec {
+const fn action(
+    name: &'static str,
+    args: &'static [ArgSpec],
+    description: &'static str,
+) -> ActionSpec {
     ActionSpec {
         name,
         args,
@@ -355,7 +366,11 @@ static LIQUID_HANDLER: KindSpec = KindSpec {
             &[
                 arg_req("from", ArgType::Wells, "Source wells."),
                 arg_req("to", ArgType::Wells, "Destination wells."),
-                arg_req("volume", q(Dimension::Volume), "Volume per destination well."),
+                arg_req(
+                    "volume",
+                    q(Dimension::Volume),
+                    "Volume per destination well.",
+                ),
                 arg_opt(
                     "tips",
                     ArgType::Choice {
@@ -376,7 +391,11 @@ static LIQUID_HANDLER: KindSpec = KindSpec {
         action(
             "aspirate",
             &[
-                arg_req("from", ArgType::Wells, "Wells to aspirate from (each gives `volume`)."),
+                arg_req(
+                    "from",
+                    ArgType::Wells,
+                    "Wells to aspirate from (each gives `volume`).",
+                ),
                 arg_req("volume", q(Dimension::Volume), "Volume per well."),
             ],
             "Aspirate into the tip that is on.",
@@ -384,7 +403,11 @@ static LIQUID_HANDLER: KindSpec = KindSpec {
         action(
             "dispense",
             &[
-                arg_req("to", ArgType::Wells, "Wells to dispense into (each receives `volume`)."),
+                arg_req(
+                    "to",
+                    ArgType::Wells,
+                    "Wells to dispense into (each receives `volume`).",
+                ),
                 arg_req("volume", q(Dimension::Volume), "Volume per well."),
             ],
             "Dispense from the tip that is on.",
@@ -418,10 +441,18 @@ static LIQUID_HANDLER: KindSpec = KindSpec {
 static INCUBATOR: KindSpec = KindSpec {
     kind: DeviceKind::Incubator,
     signals: &[
-        signal("temperature", Dimension::Temperature, "Chamber temperature."),
+        signal(
+            "temperature",
+            Dimension::Temperature,
+            "Chamber temperature.",
+        ),
         signal("co2", Dimension::Percent, "CO2 concentration."),
         signal("humidity", Dimension::Percent, "Relative humidity."),
-        signal("shaking", Dimension::Speed, "Shaker speed (0 when stopped)."),
+        signal(
+            "shaking",
+            Dimension::Speed,
+            "Shaker speed (0 when stopped).",
+        ),
     ],
     setpoints: &[
         setpoint("temperature", Dimension::Temperature, 4.0, 50.0),
@@ -435,7 +466,13 @@ static INCUBATOR: KindSpec = KindSpec {
         action(
             "set_temperature",
             &[
-                limited("temperature", Dimension::Temperature, "temperature", true, "Target temperature."),
+                limited(
+                    "temperature",
+                    Dimension::Temperature,
+                    "temperature",
+                    true,
+                    "Target temperature.",
+                ),
                 arg_opt(
                     "wait",
                     ArgType::Bool,
@@ -446,12 +483,24 @@ static INCUBATOR: KindSpec = KindSpec {
         ),
         action(
             "set_co2",
-            &[limited("percent", Dimension::Percent, "co2", true, "CO2 setpoint.")],
+            &[limited(
+                "percent",
+                Dimension::Percent,
+                "co2",
+                true,
+                "CO2 setpoint.",
+            )],
             "Set the CO2 concentration.",
         ),
         action(
             "set_humidity",
-            &[limited("percent", Dimension::Percent, "humidity", true, "Humidity setpoint.")],
+            &[limited(
+                "percent",
+                Dimension::Percent,
+                "humidity",
+                true,
+                "Humidity setpoint.",
+            )],
             "Set the relative humidity.",
         ),
         action(
@@ -473,7 +522,10 @@ static INCUBATOR: KindSpec = KindSpec {
                 arg_req("labware", ArgType::Labware, "Labware to take in."),
                 arg_opt(
                     "slot",
-                    ArgType::Integer { min: 1, max: 10_000 },
+                    ArgType::Integer {
+                        min: 1,
+                        max: 10_000,
+                    },
                     "Storage slot (default: the first free one).",
                 ),
             ],
@@ -490,9 +542,27 @@ static INCUBATOR: KindSpec = KindSpec {
         action("open_door", &[], "Open the door."),
         action("close_door", &[], "Close the door."),
         set_action(&[
-            limited("temperature", Dimension::Temperature, "temperature", false, "Chamber temperature."),
-            limited("co2", Dimension::Percent, "co2", false, "CO2 concentration."),
-            limited("humidity", Dimension::Percent, "humidity", false, "Relative humidity."),
+            limited(
+                "temperature",
+                Dimension::Temperature,
+                "temperature",
+                false,
+                "Chamber temperature.",
+            ),
+            limited(
+                "co2",
+                Dimension::Percent,
+                "co2",
+                false,
+                "CO2 concentration.",
+            ),
+            limited(
+                "humidity",
+                Dimension::Percent,
+                "humidity",
+                false,
+                "Relative humidity.",
+            ),
         ]),
         sample_action(),
     ],
@@ -502,8 +572,16 @@ static BIOREACTOR: KindSpec = KindSpec {
     kind: DeviceKind::Bioreactor,
     signals: &[
         signal("ph", Dimension::Unitless, "Culture pH."),
-        signal("dissolved_oxygen", Dimension::Percent, "Dissolved oxygen, % of air saturation."),
-        signal("temperature", Dimension::Temperature, "Culture temperature."),
+        signal(
+            "dissolved_oxygen",
+            Dimension::Percent,
+            "Dissolved oxygen, % of air saturation.",
+        ),
+        signal(
+            "temperature",
+            Dimension::Temperature,
+            "Culture temperature.",
+        ),
         signal("od600", Dimension::Unitless, "Optical density at 600 nm."),
         signal("stirrer", Dimension::Speed, "Stirrer speed."),
         signal("airflow", Dimension::Flow, "Gas flow into the vessel."),
@@ -521,10 +599,34 @@ static BIOREACTOR: KindSpec = KindSpec {
     pumps: &["feed", "base", "acid", "antifoam"],
     actions: &[
         set_action(&[
-            limited("temperature", Dimension::Temperature, "temperature", false, "Culture temperature."),
-            limited("ph", Dimension::Unitless, "ph", false, "pH setpoint (base and acid pumps hold it)."),
-            limited("dissolved_oxygen", Dimension::Percent, "dissolved_oxygen", false, "DO setpoint."),
-            limited("stirrer", Dimension::Speed, "stirrer", false, "Stirrer speed."),
+            limited(
+                "temperature",
+                Dimension::Temperature,
+                "temperature",
+                false,
+                "Culture temperature.",
+            ),
+            limited(
+                "ph",
+                Dimension::Unitless,
+                "ph",
+                false,
+                "pH setpoint (base and acid pumps hold it).",
+            ),
+            limited(
+                "dissolved_oxygen",
+                Dimension::Percent,
+                "dissolved_oxygen",
+                false,
+                "DO setpoint.",
+            ),
+            limited(
+                "stirrer",
+                Dimension::Speed,
+                "stirrer",
+                false,
+                "Stirrer speed.",
+            ),
             limited("airflow", Dimension::Flow, "airflow", false, "Gas flow."),
         ]),
         action(
@@ -532,8 +634,18 @@ static BIOREACTOR: KindSpec = KindSpec {
             &[
                 arg_req("pump", ArgType::Pump, "feed, base, acid or antifoam."),
                 arg_opt("volume", q(Dimension::Volume), "Volume to add (alone)."),
-                limited("rate", Dimension::Flow, "pump_rate", false, "Pump rate (with duration)."),
-                arg_opt("duration", q(Dimension::Time), "How long to pump at `rate`."),
+                limited(
+                    "rate",
+                    Dimension::Flow,
+                    "pump_rate",
+                    false,
+                    "Pump rate (with duration).",
+                ),
+                arg_opt(
+                    "duration",
+                    q(Dimension::Time),
+                    "How long to pump at `rate`.",
+                ),
             ],
             "Add liquid: `volume`, or `rate` + `duration`.",
         ),
@@ -545,18 +657,34 @@ static PUMP: KindSpec = KindSpec {
     kind: DeviceKind::Pump,
     signals: &[
         signal("rate", Dimension::Flow, "Current pump rate."),
-        signal("dispensed", Dimension::Volume, "Volume pumped since the run started."),
+        signal(
+            "dispensed",
+            Dimension::Volume,
+            "Volume pumped since the run started.",
+        ),
     ],
     setpoints: &[setpoint("rate", Dimension::Flow, 0.0, 100.0)],
     slots: 0,
     pumps: &[],
     actions: &[
-        set_action(&[limited("rate", Dimension::Flow, "rate", false, "Pump rate.")]),
+        set_action(&[limited(
+            "rate",
+            Dimension::Flow,
+            "rate",
+            false,
+            "Pump rate.",
+        )]),
         action(
             "dispense",
             &[
                 arg_req("volume", q(Dimension::Volume), "Volume to pump."),
-                limited("rate", Dimension::Flow, "rate", false, "Pump rate (default: the maximum)."),
+                limited(
+                    "rate",
+                    Dimension::Flow,
+                    "rate",
+                    false,
+                    "Pump rate (default: the maximum).",
+                ),
             ],
             "Pump a volume and stop.",
         ),
@@ -589,17 +717,37 @@ static SENSOR: KindSpec = KindSpec {
 
 static TEMPERATURE_MODULE: KindSpec = KindSpec {
     kind: DeviceKind::TemperatureModule,
-    signals: &[signal("temperature", Dimension::Temperature, "Block temperature.")],
+    signals: &[signal(
+        "temperature",
+        Dimension::Temperature,
+        "Block temperature.",
+    )],
     setpoints: &[setpoint("temperature", Dimension::Temperature, 4.0, 95.0)],
     slots: 1,
     pumps: &[],
     actions: &[
-        set_action(&[limited("temperature", Dimension::Temperature, "temperature", false, "Block temperature.")]),
+        set_action(&[limited(
+            "temperature",
+            Dimension::Temperature,
+            "temperature",
+            false,
+            "Block temperature.",
+        )]),
         action(
             "set_temperature",
             &[
-                limited("temperature", Dimension::Temperature, "temperature", true, "Target temperature."),
-                arg_opt("wait", ArgType::Bool, "Wait until the target is reached (default true)."),
+                limited(
+                    "temperature",
+                    Dimension::Temperature,
+                    "temperature",
+                    true,
+                    "Target temperature.",
+                ),
+                arg_opt(
+                    "wait",
+                    ArgType::Bool,
+                    "Wait until the target is reached (default true).",
+                ),
             ],
             "Set the block temperature.",
         ),
@@ -622,14 +770,30 @@ static HEATER_SHAKER: KindSpec = KindSpec {
     pumps: &[],
     actions: &[
         set_action(&[
-            limited("temperature", Dimension::Temperature, "temperature", false, "Plate temperature."),
+            limited(
+                "temperature",
+                Dimension::Temperature,
+                "temperature",
+                false,
+                "Plate temperature.",
+            ),
             limited("speed", Dimension::Speed, "speed", false, "Shaker speed."),
         ]),
         action(
             "set_temperature",
             &[
-                limited("temperature", Dimension::Temperature, "temperature", true, "Target temperature."),
-                arg_opt("wait", ArgType::Bool, "Wait until the target is reached (default true)."),
+                limited(
+                    "temperature",
+                    Dimension::Temperature,
+                    "temperature",
+                    true,
+                    "Target temperature.",
+                ),
+                arg_opt(
+                    "wait",
+                    ArgType::Bool,
+                    "Wait until the target is reached (default true).",
+                ),
             ],
             "Set the plate temperature.",
         ),
@@ -656,14 +820,20 @@ mod tests {
     #[test]
     fn limits_of_the_simulated_lab() {
         let inc = DeviceKind::Incubator.spec();
-        assert_eq!(inc.setpoint("temperature").unwrap().limits().to_string(), "4..50 C");
+        assert_eq!(
+            inc.setpoint("temperature").unwrap().limits().to_string(),
+            "4..50 C"
+        );
         assert_eq!(inc.slots, 44);
         let br = DeviceKind::Bioreactor.spec();
         assert_eq!(br.setpoint("airflow").unwrap().max, 5000.0); // 5 L/min
         assert_eq!(br.pumps, ["feed", "base", "acid", "antifoam"]);
         assert_eq!(DeviceKind::LiquidHandler.spec().slots, 12);
         let hs = DeviceKind::HeaterShaker.spec();
-        assert_eq!(hs.setpoint("speed").unwrap().limits().to_string(), "200..3000 rpm");
+        assert_eq!(
+            hs.setpoint("speed").unwrap().limits().to_string(),
+            "200..3000 rpm"
+        );
     }
 
     #[test]
@@ -673,8 +843,15 @@ mod tests {
             for a in spec.actions {
                 for arg in a.args {
                     if let Some(sp) = arg.limit {
-                        let s = spec.setpoint(sp).unwrap_or_else(|| panic!("{kind}.{} {sp}", a.name));
-                        assert_eq!(ArgType::Quantity { dimension: s.dimension }, arg.ty);
+                        let s = spec
+                            .setpoint(sp)
+                            .unwrap_or_else(|| panic!("{kind}.{} {sp}", a.name));
+                        assert_eq!(
+                            ArgType::Quantity {
+                                dimension: s.dimension
+                            },
+                            arg.ty
+                        );
                     }
                 }
             }

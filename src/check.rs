@@ -30,7 +30,11 @@ impl CheckReport {
 }
 
 /// Checks protocol text (the path is used for messages and for `definition` files).
-pub fn check_source(file: SourceFile, overrides: &[ParamOverride], lab: &dyn DeviceLimits) -> CheckReport {
+pub fn check_source(
+    file: SourceFile,
+    overrides: &[ParamOverride],
+    lab: &dyn DeviceLimits,
+) -> CheckReport {
     let file = Arc::new(file);
     let (protocol, mut diagnostics) = parse(Arc::clone(&file), overrides);
     let mut planned = None;
@@ -38,6 +42,7 @@ pub fn check_source(file: SourceFile, overrides: &[ParamOverride], lab: &dyn Dev
         diagnostics.extend(validate(p, lab));
         let (plan, tracking) = plan(p, lab);
         diagnostics.extend(tracking);
+        note_parameter_origins(p, &mut diagnostics);
         planned = Some(plan);
     }
     diagnostics.sort_by_key(|d| (d.span.start, d.severity));
@@ -47,5 +52,33 @@ pub fn check_source(file: SourceFile, overrides: &[ParamOverride], lab: &dyn Dev
         protocol,
         plan: planned,
         diagnostics,
+    }
+}
+
+/// Checks see values after substitution; a message about a value written as
+/// `${name}` says where the value came from: "(from --param volume=0 uL)".
+fn note_parameter_origins(p: &Protocol, diagnostics: &mut [Diagnostic]) {
+    for d in diagnostics
+        .iter_mut()
+        .filter(|d| !d.message.contains("(from "))
+    {
+        let Some(written) = p.file.text.get(d.span.start..d.span.end) else {
+            continue;
+        };
+        let mut origins = Vec::new();
+        let mut rest = written;
+        while let Some(start) = rest.find("${") {
+            let Some(end) = rest[start..].find('}') else {
+                break;
+            };
+            if let Some(param) = p.params.get(rest[start + 2..start + end].trim()) {
+                origins.push(param.origin());
+            }
+            rest = &rest[start + end + 1..];
+        }
+        if !origins.is_empty() {
+            d.message
+                .push_str(&format!(" (from {})", origins.join(", ")));
+        }
     }
 }

@@ -144,7 +144,10 @@ fn next_char_boundary(text: &str, mut i: usize) -> usize {
 }
 
 /// "did you mean" for a misspelt name: the closest candidate within a small edit distance.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
     let word_lower = word.to_lowercase();
     let mut best: Option<(usize, &str)> = None;
     for c in candidates {
@@ -189,8 +192,8 @@ mod tests {
     #[test]
     fn human_output_has_location_marker_and_hint() {
         let f = SourceFile::new("p.toml", "a = 1\nvolume = \"10 ul\"\n");
-        let d = Diagnostic::error("bad-unit", Span::new(15, 22), "unknown unit")
-            .with_hint("use uL");
+        let d =
+            Diagnostic::error("bad-unit", Span::new(15, 22), "unknown unit").with_hint("use uL");
         let out = render_human(&f, &d, false);
         assert!(out.contains("p.toml:2:10"), "{out}");
         assert!(out.contains("^^^^^^^"), "{out}");

@@ -4,12 +4,12 @@
 //! [`plan`] -> runtime -> devices -> events -> sinks.
 
 pub mod catalogue;
+pub mod check;
 pub mod diagnostics;
 pub mod labware;
+pub mod plan;
 pub mod protocol;
+pub mod schema;
 pub mod source;
 pub mod units;
-pub mod check;
-pub mod plan;
 pub mod validate;
-pub mod schema;

@@ -9,7 +9,9 @@
 
 use crate::diagnostics::Diagnostic;
 use crate::labware::LabwareDefinition;
-use crate::protocol::{Action, Location, MixSpec, Protocol, Repeat, Step, TipPolicy, Transfer, WellSet};
+use crate::protocol::{
+    Action, Location, MixSpec, Protocol, Repeat, Step, TipPolicy, Transfer, WellSet,
+};
 use crate::source::Span;
 use crate::units::{Quantity, trim};
 use crate::validate::DeviceLimits;
@@ -25,7 +27,7 @@ pub struct Plan {
     pub protocol: String,
     /// Steps in execution order.
     pub steps: Vec<PlannedStep>,
-    /// Final volume of every well whose volume changed.
+    /// Final volume and liquids of every well whose volume or contents changed.
     pub wells: Vec<WellVolume>,
 }
 
@@ -60,21 +62,68 @@ pub struct Operation {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    PickUpTip { rack: String, well: String, tip_capacity_ul: f64 },
-    Aspirate { labware: String, well: String, volume_ul: f64 },
-    Dispense { labware: String, well: String, volume_ul: f64 },
-    Mix { labware: String, well: String, volume_ul: f64, cycles: u32 },
+    PickUpTip {
+        rack: String,
+        well: String,
+        tip_capacity_ul: f64,
+    },
+    Aspirate {
+        labware: String,
+        well: String,
+        volume_ul: f64,
+    },
+    Dispense {
+        labware: String,
+        well: String,
+        volume_ul: f64,
+    },
+    Mix {
+        labware: String,
+        well: String,
+        volume_ul: f64,
+        cycles: u32,
+    },
     DropTip,
-    MoveLabware { labware: String, from: String, to: String },
-    Set { setpoints: Vec<PlannedSetpoint>, wait: bool, duration_s: Option<f64> },
-    Feed { pump: String, volume_ul: Option<f64>, rate_ml_min: Option<f64>, duration_s: Option<f64> },
-    PumpDispense { volume_ul: f64, rate_ml_min: Option<f64> },
-    Sample { read: Vec<String> },
-    Command { name: String },
-    Wait { duration_s: f64 },
-    WaitUntil { condition: String, timeout_s: Option<f64>, poll_s: f64 },
-    Prompt { message: String },
-    Log { message: String },
+    MoveLabware {
+        labware: String,
+        from: String,
+        to: String,
+    },
+    Set {
+        setpoints: Vec<PlannedSetpoint>,
+        wait: bool,
+        duration_s: Option<f64>,
+    },
+    Feed {
+        pump: String,
+        volume_ul: Option<f64>,
+        rate_ml_min: Option<f64>,
+        duration_s: Option<f64>,
+    },
+    PumpDispense {
+        volume_ul: f64,
+        rate_ml_min: Option<f64>,
+    },
+    Sample {
+        read: Vec<String>,
+    },
+    Command {
+        name: String,
+    },
+    Wait {
+        duration_s: f64,
+    },
+    WaitUntil {
+        condition: String,
+        timeout_s: Option<f64>,
+        poll_s: f64,
+    },
+    Prompt {
+        message: String,
+    },
+    Log {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -90,6 +139,10 @@ pub struct WellVolume {
     pub volume_ul: f64,
     pub liquids: Vec<String>,
 }
+
+/// Most operations a protocol may expand to; beyond it the plan stops, so a
+/// runaway `repeat` cannot exhaust memory.
+pub const MAX_OPERATIONS: usize = 2_000_000;
 
 /// Default poll interval of `wait_until`.
 pub const DEFAULT_POLL_S: f64 = 10.0;
@@ -115,7 +168,10 @@ pub fn execution_order(p: &Protocol) -> Vec<usize> {
             }
         }
     }
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..n).filter(|&i| waiting_for[i] == 0).map(Reverse).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..n)
+        .filter(|&i| waiting_for[i] == 0)
+        .map(Reverse)
+        .collect();
     let mut order = Vec::with_capacity(n);
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
@@ -139,7 +195,10 @@ pub fn execution_order(p: &Protocol) -> Vec<usize> {
 
 fn dependencies(index: &HashMap<&str, usize>, i: usize, s: &Step) -> Vec<usize> {
     match &s.after {
-        Some(list) => list.iter().filter_map(|d| index.get(d.value.as_str()).copied()).collect(),
+        Some(list) => list
+            .iter()
+            .filter_map(|d| index.get(d.value.as_str()).copied())
+            .collect(),
         None if i > 0 => vec![i - 1],
         None => Vec::new(),
     }
@@ -150,6 +209,7 @@ pub fn plan(p: &Protocol, lab: &dyn DeviceLimits) -> (Plan, Vec<Diagnostic>) {
     let mut t = Tracker::new(p, lab);
     let order = execution_order(p);
     let mut steps = Vec::with_capacity(order.len());
+    let mut total = 0usize;
     for &i in &order {
         let s = &p.steps[i];
         let after = match &s.after {
@@ -159,8 +219,11 @@ pub fn plan(p: &Protocol, lab: &dyn DeviceLimits) -> (Plan, Vec<Diagnostic>) {
         };
         let times = s.repeat.map_or(1, |r| r.times);
         let mut operations = Vec::new();
-        t.step_errors = 0;
+        t.step_errors.clear();
         for rep in 0..times {
+            if total + operations.len() > MAX_OPERATIONS {
+                break;
+            }
             let start = operations.len();
             t.expand(s, &mut operations);
             if s.repeat.is_some() {
@@ -169,11 +232,15 @@ pub fn plan(p: &Protocol, lab: &dyn DeviceLimits) -> (Plan, Vec<Diagnostic>) {
                 }
             }
         }
-        if t.step_errors > 1
-            && let Some(last) = t.diags.last_mut()
-        {
-            last.message.push_str(&format!(" ({} more like this in this step)", t.step_errors - 1));
+        // One message per rule per step, with the count of the others.
+        for &(_, index, count) in &t.step_errors {
+            if count > 1 {
+                t.diags[index]
+                    .message
+                    .push_str(&format!(" ({} more like this in this step)", count - 1));
+            }
         }
+        total += operations.len();
         steps.push(PlannedStep {
             id: s.id.value.clone(),
             action: s.action_name.value.clone(),
@@ -182,6 +249,17 @@ pub fn plan(p: &Protocol, lab: &dyn DeviceLimits) -> (Plan, Vec<Diagnostic>) {
             repeat: s.repeat,
             operations,
         });
+        if total > MAX_OPERATIONS {
+            t.diags.push(
+                Diagnostic::error(
+                    "too-many-operations",
+                    s.span,
+                    format!("the protocol expands to more than {} million operations; planning stopped at this step", MAX_OPERATIONS / 1_000_000),
+                )
+                .with_hint("use fewer repetitions, or split the protocol into several runs"),
+            );
+            break;
+        }
     }
     let wells = t.changed_wells();
     (
@@ -200,6 +278,7 @@ struct WellState {
     initial: f64,
     capacity: f64,
     liquids: Vec<Arc<str>>,
+    initial_liquids: Vec<Arc<str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -222,8 +301,9 @@ struct Tracker<'p> {
     locations: Vec<Option<Location>>,
     occupancy: HashMap<Location, usize>,
     diags: Vec<Diagnostic>,
-    /// Tracking errors in the current step; only the first is reported.
-    step_errors: usize,
+    /// Tracking errors in the current step: (code, index in `diags`, count).
+    /// Only the first of each code is reported.
+    step_errors: Vec<(&'static str, usize, usize)>,
     step_id: String,
 }
 
@@ -235,10 +315,14 @@ impl<'p> Tracker<'p> {
             wells: HashMap::new(),
             tips: HashMap::new(),
             tips_used: HashMap::new(),
-            locations: p.labware.values().map(|l| l.at.as_ref().map(|a| a.value.clone())).collect(),
+            locations: p
+                .labware
+                .values()
+                .map(|l| l.at.as_ref().map(|a| a.value.clone()))
+                .collect(),
             occupancy: HashMap::new(),
             diags: Vec::new(),
-            step_errors: 0,
+            step_errors: Vec::new(),
             step_id: String::new(),
         };
         for (i, loc) in t.locations.iter().enumerate() {
@@ -250,18 +334,22 @@ impl<'p> Tracker<'p> {
             for c in &lw.contents {
                 let liquid: Arc<str> = Arc::from(c.liquid.as_str());
                 for w in &c.wells {
-                    let Some(wi) = lw.definition.wells.get_index_of(w) else { continue };
+                    let Some(wi) = lw.definition.wells.get_index_of(w) else {
+                        continue;
+                    };
                     let capacity = lw.definition.wells[wi].capacity_ul;
                     let state = t.wells.entry((li, wi)).or_insert_with(|| WellState {
                         volume: 0.0,
                         initial: 0.0,
                         capacity,
                         liquids: Vec::new(),
+                        initial_liquids: Vec::new(),
                     });
                     state.volume += c.volume_ul;
                     state.initial = state.volume;
                     if !state.liquids.contains(&liquid) {
                         state.liquids.push(liquid.clone());
+                        state.initial_liquids.push(liquid.clone());
                     }
                     if state.volume > capacity + EPS {
                         t.diags.push(
@@ -275,7 +363,11 @@ impl<'p> Tracker<'p> {
                                     Quantity::volume_ul(capacity)
                                 ),
                             )
-                            .with_hint(format!("{} wells hold at most {}", lw.definition.load_name, Quantity::volume_ul(capacity))),
+                            .with_hint(format!(
+                                "{} wells hold at most {}",
+                                lw.definition.load_name,
+                                Quantity::volume_ul(capacity)
+                            )),
                         );
                     }
                 }
@@ -285,12 +377,15 @@ impl<'p> Tracker<'p> {
     }
 
     fn error(&mut self, code: &'static str, span: Span, message: String, hint: Option<String>) {
-        self.step_errors += 1;
-        if self.step_errors == 1 {
-            self.diags.push(
-                Diagnostic::error(code, span, format!("step `{}`: {message}", self.step_id)).with_optional_hint(hint),
-            );
+        if let Some(seen) = self.step_errors.iter_mut().find(|e| e.0 == code) {
+            seen.2 += 1;
+            return;
         }
+        self.step_errors.push((code, self.diags.len(), 1));
+        self.diags.push(
+            Diagnostic::error(code, span, format!("step `{}`: {message}", self.step_id))
+                .with_optional_hint(hint),
+        );
     }
 
     fn labware_index(&self, name: &str) -> Option<usize> {
@@ -345,13 +440,18 @@ impl<'p> Tracker<'p> {
                 initial: 0.0,
                 capacity,
                 liquids: Vec::new(),
+                initial_liquids: Vec::new(),
             }),
         ))
     }
 
     fn expand(&mut self, s: &Step, ops: &mut Vec<Operation>) {
         self.step_id = s.id.value.clone();
-        let role = s.role.as_ref().map(|r| r.value.as_str()).unwrap_or_default();
+        let role = s
+            .role
+            .as_ref()
+            .map(|r| r.value.as_str())
+            .unwrap_or_default();
         let mut push = |op: Op| {
             ops.push(Operation {
                 repetition: None,
@@ -393,7 +493,9 @@ impl<'p> Tracker<'p> {
                 self.pick_up(role, rack, None, s.action_name.span, ops);
             }
             Action::DropTip => self.drop_tip(role, s.action_name.span, ops),
-            Action::Load { labware, slot } => self.load(role, labware, slot.as_ref().map(|s| (s.value, s.span)), ops),
+            Action::Load { labware, slot } => {
+                self.load(role, labware, slot.as_ref().map(|s| (s.value, s.span)), ops)
+            }
             Action::Unload { labware, to } => self.unload(role, labware, to, ops),
             Action::Set {
                 setpoints,
@@ -428,7 +530,9 @@ impl<'p> Tracker<'p> {
             Action::Sample { read } => push(Op::Sample {
                 read: read.iter().map(|r| r.value.clone()).collect(),
             }),
-            Action::Command { name } => push(Op::Command { name: name.to_string() }),
+            Action::Command { name } => push(Op::Command {
+                name: name.to_string(),
+            }),
             Action::Wait { duration } => push(Op::Wait {
                 duration_s: duration.value.value,
             }),
@@ -437,8 +541,12 @@ impl<'p> Tracker<'p> {
                 timeout_s: s.timeout.as_ref().map(|t| t.value.value),
                 poll_s: poll.as_ref().map_or(DEFAULT_POLL_S, |p| p.value.value),
             }),
-            Action::Prompt { message } => push(Op::Prompt { message: message.clone() }),
-            Action::Log { message } => push(Op::Log { message: message.clone() }),
+            Action::Prompt { message } => push(Op::Prompt {
+                message: message.clone(),
+            }),
+            Action::Log { message } => push(Op::Log {
+                message: message.clone(),
+            }),
             Action::Invalid => {}
         }
     }
@@ -449,16 +557,31 @@ impl<'p> Tracker<'p> {
     }
 
     fn transfer(&mut self, lh: &str, t: &Transfer, ops: &mut Vec<Operation>) {
-        let (Some(src), Some(dst)) = (self.labware_index(&t.from.labware), self.labware_index(&t.to.labware)) else {
+        let (Some(src), Some(dst)) = (
+            self.labware_index(&t.from.labware),
+            self.labware_index(&t.to.labware),
+        ) else {
             return;
         };
         let (n_from, n_to) = (t.from.wells.len(), t.to.wells.len());
         let pairs: Vec<(&str, &str)> = if n_from == n_to {
-            t.from.wells.iter().zip(&t.to.wells).map(|(a, b)| (a.as_str(), b.as_str())).collect()
+            t.from
+                .wells
+                .iter()
+                .zip(&t.to.wells)
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect()
         } else if n_from == 1 {
-            t.to.wells.iter().map(|b| (t.from.wells[0].as_str(), b.as_str())).collect()
+            t.to.wells
+                .iter()
+                .map(|b| (t.from.wells[0].as_str(), b.as_str()))
+                .collect()
         } else if n_to == 1 {
-            t.from.wells.iter().map(|a| (a.as_str(), t.to.wells[0].as_str())).collect()
+            t.from
+                .wells
+                .iter()
+                .map(|a| (a.as_str(), t.to.wells[0].as_str()))
+                .collect()
         } else {
             self.error(
                 "transfer-shape",
@@ -472,16 +595,22 @@ impl<'p> Tracker<'p> {
             return;
         }
         let volume = t.volume.value.value;
-        let needed = [Some(volume), t.mix_before.as_ref().map(|m| m.volume_ul), t.mix_after.as_ref().map(|m| m.volume_ul)]
-            .into_iter()
-            .flatten()
-            .fold(0.0, f64::max);
+        // The largest volume the tip must hold, and where it was written.
+        let needed = [
+            Some((volume, t.volume.span)),
+            t.mix_before.as_ref().map(|m| (m.volume_ul, m.span)),
+            t.mix_after.as_ref().map(|m| (m.volume_ul, m.span)),
+        ]
+        .into_iter()
+        .flatten()
+        .fold((0.0, t.volume.span), |a, b| if b.0 > a.0 { b } else { a });
         let rack = match &t.tip_rack {
             Some(r) => self.labware_index(&r.value).map(|li| (li, r.span)),
             None => None,
         };
-        let span = t.volume.span;
-        if t.tips != TipPolicy::Never && self.tips.contains_key(lh) {
+        let span = t.tips.span;
+        let tips = t.tips.value;
+        if tips != TipPolicy::Never && self.tips.contains_key(lh) {
             let step = self.tips[lh].step.clone();
             self.error(
                 "tip-already-on",
@@ -491,11 +620,15 @@ impl<'p> Tracker<'p> {
             );
             return;
         }
-        if t.tips == TipPolicy::Once && !self.pick_up(lh, rack, Some(needed), span, ops) {
+        // When no tip can be had, the step stops here and leaves no tip behind,
+        // so later steps are checked as the operator would run them.
+        if tips == TipPolicy::Once && !self.pick_up(lh, rack, Some(needed), span, ops) {
+            self.tips.remove(lh);
             return;
         }
         for (a, b) in pairs {
-            if t.tips == TipPolicy::Always && !self.pick_up(lh, rack, Some(needed), span, ops) {
+            if tips == TipPolicy::Always && !self.pick_up(lh, rack, Some(needed), span, ops) {
+                self.tips.remove(lh);
                 return;
             }
             if let Some(m) = &t.mix_before {
@@ -506,18 +639,25 @@ impl<'p> Tracker<'p> {
             if let Some(m) = &t.mix_after {
                 self.mix(lh, dst, b, m.value, m.span, ops);
             }
-            if t.tips == TipPolicy::Always {
+            if tips == TipPolicy::Always {
                 self.drop_tip(lh, span, ops);
             }
         }
-        if t.tips == TipPolicy::Once {
+        if tips == TipPolicy::Once {
             self.drop_tip(lh, span, ops);
         }
     }
 
     /// Picks up a tip: from `rack` if given, else from the smallest tip that holds
     /// `needed` (or, with no volume known, the first rack with tips left).
-    fn pick_up(&mut self, lh: &str, rack: Option<(usize, Span)>, needed: Option<f64>, span: Span, ops: &mut Vec<Operation>) -> bool {
+    fn pick_up(
+        &mut self,
+        lh: &str,
+        rack: Option<(usize, Span)>,
+        needed: Option<(f64, Span)>,
+        span: Span,
+        ops: &mut Vec<Operation>,
+    ) -> bool {
         if let Some(tip) = self.tips.get(lh) {
             let step = tip.step.clone();
             self.error(
@@ -533,21 +673,33 @@ impl<'p> Tracker<'p> {
                 let def = self.definition(li);
                 if !def.is_tiprack {
                     let name = self.p.labware[li].name.clone();
-                    self.error("not-a-tip-rack", rack_span, format!("`{name}` is not a tip rack"), None);
+                    self.error(
+                        "not-a-tip-rack",
+                        rack_span,
+                        format!("`{name}` is not a tip rack"),
+                        None,
+                    );
                     return false;
                 }
                 if !self.reachable(lh, li, rack_span) {
                     return false;
                 }
-                if let Some(v) = needed {
+                if let Some((v, volume_span)) = needed {
                     let cap = def.max_capacity_ul();
                     if v > cap + EPS {
                         let name = self.p.labware[li].name.clone();
                         self.error(
                             "tip-too-small",
-                            span,
-                            format!("{} does not fit in a tip of `{name}` ({})", Quantity::volume_ul(v), Quantity::volume_ul(cap)),
-                            Some("use a larger tip rack, or split the volume over several steps".into()),
+                            volume_span,
+                            format!(
+                                "{} does not fit in a tip of `{name}` ({})",
+                                Quantity::volume_ul(v),
+                                Quantity::volume_ul(cap)
+                            ),
+                            Some(
+                                "use a larger tip rack, or split the volume over several steps"
+                                    .into(),
+                            ),
                         );
                         return false;
                     }
@@ -575,12 +727,12 @@ impl<'p> Tracker<'p> {
                 // Stable: equal capacities keep declaration order.
                 candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
                 match needed {
-                    Some(v) => {
+                    Some((v, volume_span)) => {
                         let Some(&(cap, _)) = candidates.iter().find(|(c, _)| *c + EPS >= v) else {
                             let largest = candidates.last().map_or(0.0, |c| c.0);
                             self.error(
                                 "tip-too-small",
-                                span,
+                                volume_span,
                                 format!(
                                     "{} does not fit in any tip on {lh}'s deck (largest: {})",
                                     Quantity::volume_ul(v),
@@ -590,11 +742,16 @@ impl<'p> Tracker<'p> {
                             );
                             return false;
                         };
-                        candidates.into_iter().filter(|(c, _)| *c == cap).map(|(_, li)| li).collect()
+                        candidates
+                            .into_iter()
+                            .filter(|(c, _)| *c == cap)
+                            .map(|(_, li)| li)
+                            .collect()
                     }
                     None => {
                         // Declaration order, whatever the size.
-                        let mut all: Vec<usize> = candidates.into_iter().map(|(_, li)| li).collect();
+                        let mut all: Vec<usize> =
+                            candidates.into_iter().map(|(_, li)| li).collect();
                         all.sort_unstable();
                         all
                     }
@@ -627,12 +784,21 @@ impl<'p> Tracker<'p> {
                 return true;
             }
         }
-        let names: Vec<String> = racks.iter().map(|&li| format!("`{}`", self.p.labware[li].name)).collect();
-        let total: usize = racks.iter().map(|&li| self.definition(li).wells.len()).sum();
+        let names: Vec<String> = racks
+            .iter()
+            .map(|&li| format!("`{}`", self.p.labware[li].name))
+            .collect();
+        let total: usize = racks
+            .iter()
+            .map(|&li| self.definition(li).wells.len())
+            .sum();
         self.error(
             "out-of-tips",
             span,
-            format!("out of tips: all {total} tips of {} are used", names.join(", ")),
+            format!(
+                "out of tips: all {total} tips of {} are used",
+                names.join(", ")
+            ),
             Some("place another tip rack of this size, or reuse tips with tips = \"once\"".into()),
         );
         // Go on as if a tip were found, so later steps are still checked.
@@ -663,7 +829,12 @@ impl<'p> Tracker<'p> {
 
     fn drop_tip(&mut self, lh: &str, span: Span, ops: &mut Vec<Operation>) {
         if self.tips.remove(lh).is_none() {
-            self.error("no-tip", span, format!("{lh} has no tip to drop"), Some("pick up a tip first".into()));
+            self.error(
+                "no-tip",
+                span,
+                format!("{lh} has no tip to drop"),
+                Some("pick up a tip first".into()),
+            );
             return;
         }
         ops.push(Operation {
@@ -680,7 +851,9 @@ impl<'p> Tracker<'p> {
             "no-tip",
             span,
             format!("{doing} without a tip on {lh}"),
-            Some("pick up a tip first (pick_up_tip), or use a transfer with tips = \"once\"".into()),
+            Some(
+                "pick up a tip first (pick_up_tip), or use a transfer with tips = \"once\"".into(),
+            ),
         );
         // Assume one, so the rest of the protocol is still checked.
         self.tips.insert(
@@ -695,17 +868,38 @@ impl<'p> Tracker<'p> {
         false
     }
 
-    fn aspirate(&mut self, lh: &str, li: usize, well: &str, volume: f64, span: Span, ops: &mut Vec<Operation>) {
+    fn aspirate(
+        &mut self,
+        lh: &str,
+        li: usize,
+        well: &str,
+        volume: f64,
+        span: Span,
+        ops: &mut Vec<Operation>,
+    ) {
         self.tip_or_error(lh, span, "aspirating");
         let name = self.p.labware[li].name.clone();
-        let Some((_, state)) = self.well_state(li, well) else { return };
+        let Some((_, state)) = self.well_state(li, well) else {
+            return;
+        };
         let available = state.volume;
+        let initial = state.initial;
         let liquids = state.liquids.clone();
         if volume > available + EPS {
-            let hint = if available <= EPS {
-                format!("declare what it holds: [labware.{name}] contents = {{ {well} = \"<volume> <liquid>\" }}")
+            let hint = if initial <= EPS && available <= EPS {
+                format!(
+                    "nothing was put in it; declare what it holds: [labware.{name}] contents = {{ {well} = \"<volume> <liquid>\" }}"
+                )
+            } else if available + EPS < initial {
+                format!(
+                    "it started with {}; earlier aspirations took {}. Put more in `contents` or lower the volume",
+                    Quantity::volume_ul(initial),
+                    Quantity::volume_ul(initial - available)
+                )
+            } else if initial > EPS {
+                "lower the volume, or declare more in `contents`".into()
             } else {
-                "lower the volume or fill the well first".into()
+                "lower the volume, or put more into the well first".into()
             };
             self.error(
                 "insufficient-volume",
@@ -720,6 +914,9 @@ impl<'p> Tracker<'p> {
         }
         if let Some((_, state)) = self.well_state(li, well) {
             state.volume = (state.volume - volume).max(0.0);
+            if state.volume <= EPS {
+                state.liquids.clear();
+            }
         }
         if let Some(tip) = self.tips.get_mut(lh) {
             tip.volume += volume;
@@ -729,8 +926,8 @@ impl<'p> Tracker<'p> {
                 }
             }
             if tip.volume > tip.capacity + EPS {
+                // Not clamped: the dispense that follows should see what was asked for.
                 let (v, c) = (tip.volume, tip.capacity);
-                tip.volume = c;
                 self.error(
                     "tip-overfill",
                     span,
@@ -754,7 +951,15 @@ impl<'p> Tracker<'p> {
         });
     }
 
-    fn dispense(&mut self, lh: &str, li: usize, well: &str, volume: f64, span: Span, ops: &mut Vec<Operation>) {
+    fn dispense(
+        &mut self,
+        lh: &str,
+        li: usize,
+        well: &str,
+        volume: f64,
+        span: Span,
+        ops: &mut Vec<Operation>,
+    ) {
         self.tip_or_error(lh, span, "dispensing");
         let name = self.p.labware[li].name.clone();
         let mut liquids = Vec::new();
@@ -762,6 +967,9 @@ impl<'p> Tracker<'p> {
             let held = tip.volume;
             tip.volume = (tip.volume - volume).max(0.0);
             liquids = tip.liquids.clone();
+            if tip.volume <= EPS {
+                tip.liquids.clear();
+            }
             if volume > held + EPS {
                 self.error(
                     "tip-underfill",
@@ -775,7 +983,9 @@ impl<'p> Tracker<'p> {
                 );
             }
         }
-        let Some((_, state)) = self.well_state(li, well) else { return };
+        let Some((_, state)) = self.well_state(li, well) else {
+            return;
+        };
         state.volume += volume;
         for l in liquids {
             if !state.liquids.contains(&l) {
@@ -807,10 +1017,20 @@ impl<'p> Tracker<'p> {
         });
     }
 
-    fn mix(&mut self, lh: &str, li: usize, well: &str, mix: MixSpec, span: Span, ops: &mut Vec<Operation>) {
+    fn mix(
+        &mut self,
+        lh: &str,
+        li: usize,
+        well: &str,
+        mix: MixSpec,
+        span: Span,
+        ops: &mut Vec<Operation>,
+    ) {
         self.tip_or_error(lh, span, "mixing");
         let name = self.p.labware[li].name.clone();
-        let Some((_, state)) = self.well_state(li, well) else { return };
+        let Some((_, state)) = self.well_state(li, well) else {
+            return;
+        };
         let available = state.volume;
         if mix.volume_ul > available + EPS {
             self.error(
@@ -831,7 +1051,11 @@ impl<'p> Tracker<'p> {
             self.error(
                 "tip-overfill",
                 span,
-                format!("mixing {} does not fit in a {} tip", Quantity::volume_ul(mix.volume_ul), Quantity::volume_ul(cap)),
+                format!(
+                    "mixing {} does not fit in a {} tip",
+                    Quantity::volume_ul(mix.volume_ul),
+                    Quantity::volume_ul(cap)
+                ),
                 Some("lower the mix volume".into()),
             );
         }
@@ -846,8 +1070,16 @@ impl<'p> Tracker<'p> {
         });
     }
 
-    fn load(&mut self, inc: &str, labware: &crate::source::Sp<String>, slot: Option<(u32, Span)>, ops: &mut Vec<Operation>) {
-        let Some(li) = self.labware_index(&labware.value) else { return };
+    fn load(
+        &mut self,
+        inc: &str,
+        labware: &crate::source::Sp<String>,
+        slot: Option<(u32, Span)>,
+        ops: &mut Vec<Operation>,
+    ) {
+        let Some(li) = self.labware_index(&labware.value) else {
+            return;
+        };
         let Some(from) = self.locations[li].clone() else {
             self.error(
                 "not-placed",
@@ -861,7 +1093,10 @@ impl<'p> Tracker<'p> {
             self.error(
                 "already-loaded",
                 labware.span,
-                format!("`{}` is already in {inc} (slot {})", labware.value, from.slot),
+                format!(
+                    "`{}` is already in {inc} (slot {})",
+                    labware.value, from.slot
+                ),
                 None,
             );
             return;
@@ -870,21 +1105,37 @@ impl<'p> Tracker<'p> {
         let slots = kind.map_or(0, |k| self.lab.slots(inc, k));
         let target = match slot {
             Some((s, span)) => {
-                let loc = Location { role: inc.to_string(), slot: s };
+                let loc = Location {
+                    role: inc.to_string(),
+                    slot: s,
+                };
                 if let Some(&other) = self.occupancy.get(&loc) {
                     let other = self.p.labware[other].name.clone();
-                    self.error("slot-taken", span, format!("{inc} slot {s} already holds `{other}`"), None);
+                    self.error(
+                        "slot-taken",
+                        span,
+                        format!("{inc} slot {s} already holds `{other}`"),
+                        None,
+                    );
                     return;
                 }
                 loc
             }
             None => match (1..=slots)
-                .map(|s| Location { role: inc.to_string(), slot: s })
+                .map(|s| Location {
+                    role: inc.to_string(),
+                    slot: s,
+                })
                 .find(|l| !self.occupancy.contains_key(l))
             {
                 Some(l) => l,
                 None => {
-                    self.error("no-free-slot", labware.span, format!("{inc} has no free slot (all {slots} hold labware)"), None);
+                    self.error(
+                        "no-free-slot",
+                        labware.span,
+                        format!("{inc} has no free slot (all {slots} hold labware)"),
+                        None,
+                    );
                     return;
                 }
             },
@@ -892,11 +1143,21 @@ impl<'p> Tracker<'p> {
         self.move_labware(li, from, target, ops);
     }
 
-    fn unload(&mut self, inc: &str, labware: &crate::source::Sp<String>, to: &crate::source::Sp<Location>, ops: &mut Vec<Operation>) {
-        let Some(li) = self.labware_index(&labware.value) else { return };
+    fn unload(
+        &mut self,
+        inc: &str,
+        labware: &crate::source::Sp<String>,
+        to: &crate::source::Sp<Location>,
+        ops: &mut Vec<Operation>,
+    ) {
+        let Some(li) = self.labware_index(&labware.value) else {
+            return;
+        };
         let from = self.locations[li].clone();
         let Some(from) = from.filter(|f| f.role == inc) else {
-            let at = self.locations[li].as_ref().map_or("not placed".to_string(), |l| format!("at {l}"));
+            let at = self.locations[li]
+                .as_ref()
+                .map_or("not placed".to_string(), |l| format!("at {l}"));
             self.error(
                 "not-loaded",
                 labware.span,
@@ -909,7 +1170,12 @@ impl<'p> Tracker<'p> {
             && other != li
         {
             let other = self.p.labware[other].name.clone();
-            self.error("slot-taken", to.span, format!("{} already holds `{other}`", to.value), Some("choose a free slot".into()));
+            self.error(
+                "slot-taken",
+                to.span,
+                format!("{} already holds `{other}`", to.value),
+                Some("choose a free slot".into()),
+            );
             return;
         }
         self.move_labware(li, from, to.value.clone(), ops);
@@ -933,14 +1199,19 @@ impl<'p> Tracker<'p> {
         let mut keys: Vec<&(usize, usize)> = self
             .wells
             .iter()
-            .filter(|(_, s)| (s.volume - s.initial).abs() > EPS)
+            .filter(|(_, s)| (s.volume - s.initial).abs() > EPS || s.liquids != s.initial_liquids)
             .map(|(k, _)| k)
             .collect();
         // Labware in declaration order, wells column by column.
         keys.sort_by_key(|&&(li, wi)| {
             let def = self.definition(li);
             let name = &def.wells[wi].name;
-            (li, def.grid_position(name).map(|(r, c)| (c, r)).unwrap_or((usize::MAX, wi)))
+            (
+                li,
+                def.grid_position(name)
+                    .map(|(r, c)| (c, r))
+                    .unwrap_or((usize::MAX, wi)),
+            )
         });
         keys.into_iter()
             .map(|&(li, wi)| {
@@ -960,14 +1231,38 @@ impl<'p> Tracker<'p> {
 pub fn describe(op: &Op) -> String {
     let v = |ul: f64| Quantity::volume_ul(ul).to_string();
     match op {
-        Op::PickUpTip { rack, well, tip_capacity_ul } => format!("pick up tip {rack}:{well} ({})", v(*tip_capacity_ul)),
-        Op::Aspirate { labware, well, volume_ul } => format!("aspirate {} from {labware}:{well}", v(*volume_ul)),
-        Op::Dispense { labware, well, volume_ul } => format!("dispense {} into {labware}:{well}", v(*volume_ul)),
-        Op::Mix { labware, well, volume_ul, cycles } => format!("mix {} x{cycles} in {labware}:{well}", v(*volume_ul)),
+        Op::PickUpTip {
+            rack,
+            well,
+            tip_capacity_ul,
+        } => format!("pick up tip {rack}:{well} ({})", v(*tip_capacity_ul)),
+        Op::Aspirate {
+            labware,
+            well,
+            volume_ul,
+        } => format!("aspirate {} from {labware}:{well}", v(*volume_ul)),
+        Op::Dispense {
+            labware,
+            well,
+            volume_ul,
+        } => format!("dispense {} into {labware}:{well}", v(*volume_ul)),
+        Op::Mix {
+            labware,
+            well,
+            volume_ul,
+            cycles,
+        } => format!("mix {} x{cycles} in {labware}:{well}", v(*volume_ul)),
         Op::DropTip => "drop tip".into(),
         Op::MoveLabware { labware, from, to } => format!("move {labware} from {from} to {to}"),
-        Op::Set { setpoints, wait, duration_s } => {
-            let list: Vec<String> = setpoints.iter().map(|s| format!("{} = {}", s.name, s.value)).collect();
+        Op::Set {
+            setpoints,
+            wait,
+            duration_s,
+        } => {
+            let list: Vec<String> = setpoints
+                .iter()
+                .map(|s| format!("{} = {}", s.name, s.value))
+                .collect();
             let mut text = format!("set {}", list.join(", "));
             if *wait {
                 text.push_str(" and wait until reached");
@@ -977,17 +1272,33 @@ pub fn describe(op: &Op) -> String {
             }
             text
         }
-        Op::Feed { pump, volume_ul, rate_ml_min, duration_s } => match (volume_ul, rate_ml_min, duration_s) {
+        Op::Feed {
+            pump,
+            volume_ul,
+            rate_ml_min,
+            duration_s,
+        } => match (volume_ul, rate_ml_min, duration_s) {
             (Some(vol), _, _) => format!("feed {} with pump {pump}", v(*vol)),
-            (_, Some(r), Some(d)) => format!("feed with pump {pump} at {} mL/min for {}", trim(*r), Quantity::seconds(*d)),
+            (_, Some(r), Some(d)) => format!(
+                "feed with pump {pump} at {} mL/min for {}",
+                trim(*r),
+                Quantity::seconds(*d)
+            ),
             _ => format!("feed with pump {pump}"),
         },
         Op::PumpDispense { volume_ul, .. } => format!("pump {}", v(*volume_ul)),
         Op::Sample { read } => format!("sample {}", read.join(", ")),
         Op::Command { name } => name.replace('_', " "),
         Op::Wait { duration_s } => format!("wait {}", Quantity::seconds(*duration_s)),
-        Op::WaitUntil { condition, timeout_s, poll_s } => {
-            let mut text = format!("wait until {condition} (every {}", Quantity::seconds(*poll_s));
+        Op::WaitUntil {
+            condition,
+            timeout_s,
+            poll_s,
+        } => {
+            let mut text = format!(
+                "wait until {condition} (every {}",
+                Quantity::seconds(*poll_s)
+            );
             if let Some(t) = timeout_s {
                 text.push_str(&format!(", at most {}", Quantity::seconds(*t)));
             }

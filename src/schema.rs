@@ -3,7 +3,9 @@
 //! it for completion and inline checking; `check` remains the authority
 //! (volumes, tips, limits and references are beyond a schema).
 
-use crate::catalogue::{ArgSpec, ArgType, BUILTIN_ACTIONS, COMMON_STEP_KEYS, DeviceKind, VIOLATION_POLICIES};
+use crate::catalogue::{
+    ArgSpec, ArgType, BUILTIN_ACTIONS, COMMON_STEP_KEYS, DeviceKind, VIOLATION_POLICIES,
+};
 use crate::labware::builtin::builtin_names;
 use crate::protocol::FORMAT;
 use crate::units::Dimension;
@@ -32,11 +34,15 @@ fn arg_schema(ty: ArgType, description: &str) -> Value {
             "examples": ["plate:A1", "plate:A1:H12", "plate:A1,B3,C5", "plate384:quadrant(1)"],
         }),
         ArgType::Labware | ArgType::Text | ArgType::Condition => json!({ "type": "string" }),
-        ArgType::Location => json!({ "type": "string", "pattern": "^[^:]+:([0-9]+|\\$\\{[^}]+\\})$", "examples": ["lh:3"] }),
+        ArgType::Location => {
+            json!({ "type": "string", "pattern": "^[^:]+:([0-9]+|\\$\\{[^}]+\\})$", "examples": ["lh:3"] })
+        }
         ArgType::Integer { min, max } => json!({
             "anyOf": [ { "type": "integer", "minimum": min, "maximum": max }, { "type": "string", "pattern": PARAM_PATTERN } ]
         }),
-        ArgType::Bool => json!({ "anyOf": [ { "type": "boolean" }, { "type": "string", "pattern": PARAM_PATTERN } ] }),
+        ArgType::Bool => {
+            json!({ "anyOf": [ { "type": "boolean" }, { "type": "string", "pattern": PARAM_PATTERN } ] })
+        }
         ArgType::Choice { options } => json!({ "type": "string", "enum": options }),
         ArgType::Signals => json!({
             "anyOf": [ { "type": "array", "items": { "type": "string" }, "minItems": 1 }, { "type": "string" } ]
@@ -51,7 +57,10 @@ fn arg_schema(ty: ArgType, description: &str) -> Value {
             },
         }),
         ArgType::Pump => {
-            let mut pumps: Vec<&str> = DeviceKind::ALL.iter().flat_map(|k| k.spec().pumps.iter().copied()).collect();
+            let mut pumps: Vec<&str> = DeviceKind::ALL
+                .iter()
+                .flat_map(|k| k.spec().pumps.iter().copied())
+                .collect();
             pumps.dedup();
             json!({ "type": "string", "enum": pumps })
         }
@@ -105,7 +114,11 @@ fn step_schema() -> Value {
         properties.insert(key.to_string(), schema);
     }
     let builtin: Vec<&str> = BUILTIN_ACTIONS.iter().map(|a| a.name).collect();
-    let device_actions: Vec<String> = actions.iter().filter(|a| !builtin.contains(&a.as_str())).cloned().collect();
+    let device_actions: Vec<String> = actions
+        .iter()
+        .filter(|a| !builtin.contains(&a.as_str()))
+        .cloned()
+        .collect();
     properties.insert(
         "do".into(),
         json!({
@@ -234,6 +247,10 @@ mod tests {
             }
         }
         // `to` is wells for transfer and a place for unload.
-        assert!(props["to"]["anyOf"].as_array().is_some_and(|a| a.len() == 2));
+        assert!(
+            props["to"]["anyOf"]
+                .as_array()
+                .is_some_and(|a| a.len() == 2)
+        );
     }
 }

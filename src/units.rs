@@ -101,6 +101,7 @@ impl fmt::Display for Quantity {
         let v = self.value;
         match self.dimension {
             Dimension::Volume if v.abs() >= 1000.0 => write!(f, "{} mL", trim(v / 1000.0)),
+            Dimension::Flow if v.abs() >= 1000.0 => write!(f, "{} L/min", trim(v / 1000.0)),
             Dimension::Time => fmt_duration(v, f),
             Dimension::Unitless => write!(f, "{}", trim(v)),
             Dimension::Percent => write!(f, "{} %", trim(v)),
@@ -153,6 +154,8 @@ pub enum QuantityError {
     NotFinite(Dimension),
     #[error("{} cannot be negative", .0.name())]
     Negative(Dimension),
+    #[error("the low end of `{0}` is above the high end")]
+    Reversed(String),
 }
 
 impl QuantityError {
@@ -166,6 +169,7 @@ impl QuantityError {
             QuantityError::NotFinite(d) | QuantityError::Negative(d) => {
                 format!("write a {}, e.g. {}", d.name(), d.example())
             }
+            QuantityError::Reversed(_) => "write the range low..high, e.g. \"6.8..7.4\"".into(),
             _ => "write a number and a unit, e.g. \"10 uL\", \"30 min\", \"37 C\"".into(),
         }
     }
@@ -210,7 +214,9 @@ pub fn parse_quantity(text: &str, expected: Dimension) -> Result<Quantity, Quant
         let (number, after) =
             split_number(rest).ok_or_else(|| QuantityError::Malformed(text.to_string()))?;
         let after = after.trim_start();
-        let unit_end = after.find(|c: char| c.is_whitespace()).unwrap_or(after.len());
+        let unit_end = after
+            .find(|c: char| c.is_whitespace())
+            .unwrap_or(after.len());
         let (symbol, tail) = after.split_at(unit_end);
         parts += 1;
         if symbol.is_empty() {
@@ -303,11 +309,17 @@ impl Limits {
 
 impl fmt::Display for Limits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = self.dimension.canonical_unit();
+        // Large volumes and flows read better in mL and L/min, like their values.
+        let (unit, scale) = match self.dimension {
+            Dimension::Volume if self.max >= 1000.0 => ("mL", 1000.0),
+            Dimension::Flow if self.max >= 1000.0 => ("L/min", 1000.0),
+            d => (d.canonical_unit(), 1.0),
+        };
+        let (min, max) = (trim(self.min / scale), trim(self.max / scale));
         if unit.is_empty() {
-            write!(f, "{}..{}", trim(self.min), trim(self.max))
+            write!(f, "{min}..{max}")
         } else {
-            write!(f, "{}..{} {}", trim(self.min), trim(self.max), unit)
+            write!(f, "{min}..{max} {unit}")
         }
     }
 }
@@ -329,7 +341,7 @@ pub fn parse_limits(text: &str, expected: Dimension) -> Result<Limits, QuantityE
         parse_quantity(low, expected)?
     };
     if low_q.value > high_q.value {
-        return Err(QuantityError::Malformed(text.to_string()));
+        return Err(QuantityError::Reversed(text.to_string()));
     }
     Ok(Limits {
         min: low_q.value,
@@ -358,10 +370,15 @@ mod tests {
             5400.0
         );
         assert_eq!(
-            parse_quantity("-20 °C", Dimension::Temperature).unwrap().value,
+            parse_quantity("-20 °C", Dimension::Temperature)
+                .unwrap()
+                .value,
             -20.0
         );
-        assert_eq!(parse_quantity("0.6", Dimension::Unitless).unwrap().value, 0.6);
+        assert_eq!(
+            parse_quantity("0.6", Dimension::Unitless).unwrap().value,
+            0.6
+        );
         assert_eq!(parse_quantity("5", Dimension::Percent).unwrap().value, 5.0);
         assert_eq!(
             parse_quantity("2 L/min", Dimension::Flow).unwrap().value,
@@ -388,7 +405,12 @@ mod tests {
         assert_eq!((l.min, l.max), (36.0, 38.0));
         let l = parse_limits("6.8..7.4", Dimension::Unitless).unwrap();
         assert!(l.contains(7.0) && !l.contains(7.5));
-        assert!(parse_limits("38..36 C", Dimension::Temperature).is_err());
+        assert_eq!(
+            parse_limits("38..36 C", Dimension::Temperature)
+                .unwrap_err()
+                .to_string(),
+            "the low end of `38..36 C` is above the high end"
+        );
         assert!(parse_limits("36 C", Dimension::Temperature).is_err());
     }
 
@@ -397,6 +419,16 @@ mod tests {
         assert_eq!(Quantity::volume_ul(1500.0).to_string(), "1.5 mL");
         assert_eq!(Quantity::seconds(5400.0).to_string(), "1 h 30 min");
         assert_eq!(Quantity::seconds(0.25).to_string(), "250 ms");
+        assert_eq!(
+            Quantity::new(6000.0, Dimension::Flow).to_string(),
+            "6 L/min"
+        );
+        let airflow = Limits {
+            min: 0.0,
+            max: 5000.0,
+            dimension: Dimension::Flow,
+        };
+        assert_eq!(airflow.to_string(), "0..5 L/min");
     }
 
     proptest! {

@@ -51,9 +51,13 @@ fn step_ids_and_dependencies(p: &Protocol, out: &mut Vec<Diagnostic>) {
     for (i, s) in p.steps.iter().enumerate() {
         if let Some(&first) = by_id.get(s.id.value.as_str()) {
             out.push(
-                Diagnostic::error("duplicate-id", s.id.span, format!("step id `{}` is used twice", s.id.value))
-                    .with_related(p.steps[first].id.span, "first used here")
-                    .with_hint("give every step a unique id"),
+                Diagnostic::error(
+                    "duplicate-id",
+                    s.id.span,
+                    format!("step id `{}` is used twice", s.id.value),
+                )
+                .with_related(p.steps[first].id.span, "first used here")
+                .with_hint("give every step a unique id"),
             );
         } else {
             by_id.insert(&s.id.value, i);
@@ -66,13 +70,21 @@ fn step_ids_and_dependencies(p: &Protocol, out: &mut Vec<Diagnostic>) {
         for dep in s.after.iter().flatten() {
             match by_id.get(dep.value.as_str()) {
                 Some(&j) if j == i => out.push(
-                    Diagnostic::error("after-cycle", dep.span, format!("step `{}` waits for itself", s.id.value))
-                        .with_hint("remove it from `after`"),
+                    Diagnostic::error(
+                        "after-cycle",
+                        dep.span,
+                        format!("step `{}` waits for itself", s.id.value),
+                    )
+                    .with_hint("remove it from `after`"),
                 ),
                 Some(&j) => edges[i].push((j, dep.span)),
                 None => out.push(
-                    Diagnostic::error("unknown-step", dep.span, format!("`after` names an unknown step `{}`", dep.value))
-                        .with_optional_hint(did_you_mean(&dep.value, by_id.keys().copied())),
+                    Diagnostic::error(
+                        "unknown-step",
+                        dep.span,
+                        format!("`after` names an unknown step `{}`", dep.value),
+                    )
+                    .with_optional_hint(did_you_mean(&dep.value, by_id.keys().copied())),
                 ),
             }
         }
@@ -110,7 +122,10 @@ fn step_ids_and_dependencies(p: &Protocol, out: &mut Vec<Diagnostic>) {
                             Diagnostic::error(
                                 "after-cycle",
                                 span,
-                                format!("steps wait for each other in a cycle: {}", cycle.join(" -> ")),
+                                format!(
+                                    "steps wait for each other in a cycle: {}",
+                                    cycle.join(" -> ")
+                                ),
                             )
                             .with_hint("one of these steps must not wait for the others"),
                         );
@@ -129,47 +144,78 @@ fn unused_declarations(p: &Protocol, out: &mut Vec<Diagnostic>) {
     for (name, role) in &p.devices {
         if !p.role_uses.iter().any(|u| &u.value == name) {
             out.push(
-                Diagnostic::warning("unused-role", role.span, format!("role `{name}` is declared but never used"))
-                    .with_hint("remove it, or the lab must still provide a device for it"),
+                Diagnostic::warning(
+                    "unused-role",
+                    role.span,
+                    format!("role `{name}` is declared but never used"),
+                )
+                .with_hint("remove it, or the lab must still provide a device for it"),
             );
         }
     }
     for (name, param) in &p.params {
         if !param.used {
             out.push(
-                Diagnostic::warning("unused-param", param.span, format!("parameter `{name}` is never used"))
-                    .with_hint(format!("use it as \"${{{name}}}\" or remove it")),
+                Diagnostic::warning(
+                    "unused-param",
+                    param.span,
+                    format!("parameter `{name}` is never used"),
+                )
+                .with_hint(format!("use it as \"${{{name}}}\" or remove it")),
             );
         }
     }
 }
 
+/// Whether `slot` exists on the device bound to `role`; reports if not.
+fn slot_exists(
+    p: &Protocol,
+    lab: &dyn DeviceLimits,
+    role: &str,
+    slot: u32,
+    span: Span,
+    out: &mut Vec<Diagnostic>,
+) -> bool {
+    let Some(device) = p.devices.get(role) else {
+        // An undeclared role was reported where it was written.
+        return false;
+    };
+    let slots = lab.slots(role, device.kind);
+    if slots == 0 {
+        out.push(
+            Diagnostic::error(
+                "bad-slot",
+                span,
+                format!(
+                    "{role} is {}, which has no slots for labware",
+                    device.kind.with_article()
+                ),
+            )
+            .with_hint(
+                "labware goes on a liquid handler, incubator, temperature module or heater-shaker",
+            ),
+        );
+        return false;
+    }
+    if slot == 0 || slot > slots {
+        out.push(
+            Diagnostic::error(
+                "bad-slot",
+                span,
+                format!("{role} has no slot {slot}: its slots are 1..{slots}"),
+            )
+            .with_hint(format!("{role} ({}) in {}", device.kind, lab.description())),
+        );
+        return false;
+    }
+    true
+}
+
 fn places(p: &Protocol, lab: &dyn DeviceLimits, out: &mut Vec<Diagnostic>) {
     let mut occupied: HashMap<Location, (String, Span)> = HashMap::new();
-    let mut check = |what: &str, loc: &Sp<Location>, out: &mut Vec<Diagnostic>| -> bool {
-        let Some(device) = p.devices.get(&loc.role) else { return false };
-        let slots = lab.slots(&loc.role, device.kind);
-        if slots == 0 {
-            out.push(
-                Diagnostic::error(
-                    "bad-slot",
-                    loc.span,
-                    format!("{} has no slots to hold {what}", device.kind.with_article()),
-                )
-                .with_hint("place labware on a liquid handler, incubator, temperature module or heater-shaker"),
-            );
-            return false;
-        }
-        if loc.slot == 0 || loc.slot > slots {
-            out.push(
-                Diagnostic::error(
-                    "bad-slot",
-                    loc.span,
-                    format!("{} has no slot {}: its slots are 1..{slots}", loc.role, loc.slot),
-                )
-                .with_hint(format!("{} ({}) in {}", loc.role, device.kind, lab.description())),
-            );
-            return false;
+    let mut place = |what: String, loc: &Sp<Location>, out: &mut Vec<Diagnostic>| {
+        if !slot_exists(p, lab, &loc.role, loc.slot, loc.span, out) {
+            return;
         }
         if let Some((other, first)) = occupied.get(&loc.value) {
             out.push(
@@ -181,61 +227,61 @@ fn places(p: &Protocol, lab: &dyn DeviceLimits, out: &mut Vec<Diagnostic>) {
                 .with_related(*first, "placed here")
                 .with_hint("each slot holds one labware; choose a free slot"),
             );
-            return false;
+            return;
         }
-        occupied.insert(loc.value.clone(), (what.to_string(), loc.span));
-        true
+        occupied.insert(loc.value.clone(), (what, loc.span));
     };
     for (name, d) in &p.devices {
-        if let Some(at) = &d.on_deck {
-            let host = p.devices.get(&at.role).map(|h| h.kind);
-            if host.is_some() && host != Some(DeviceKind::LiquidHandler) {
-                out.push(
-                    Diagnostic::error("bad-slot", at.span, format!("module `{name}` can only sit on a liquid handler's deck"))
-                        .with_hint("at = \"<liquid handler role>:<slot>\""),
-                );
-                continue;
-            }
-            if !matches!(d.kind, DeviceKind::TemperatureModule | DeviceKind::HeaterShaker) {
-                out.push(
-                    Diagnostic::error("bad-slot", at.span, format!("{} does not sit on a deck", d.kind.with_article()))
-                        .with_hint("only temperature modules and heater-shakers take `at`"),
-                );
-                continue;
-            }
-            check(&format!("module `{name}`"), at, out);
+        let Some(at) = &d.on_deck else { continue };
+        if !matches!(
+            d.kind,
+            DeviceKind::TemperatureModule | DeviceKind::HeaterShaker
+        ) {
+            out.push(
+                Diagnostic::error(
+                    "bad-slot",
+                    at.span,
+                    format!("{} does not sit on a deck", d.kind.with_article()),
+                )
+                .with_hint("only temperature modules and heater-shakers take `at`"),
+            );
+        } else if p
+            .devices
+            .get(&at.role)
+            .is_some_and(|h| h.kind != DeviceKind::LiquidHandler)
+        {
+            out.push(
+                Diagnostic::error(
+                    "bad-slot",
+                    at.span,
+                    format!("module `{name}` can only sit on a liquid handler's deck"),
+                )
+                .with_hint("at = \"<liquid handler role>:<slot>\""),
+            );
+        } else {
+            place(format!("module `{name}`"), at, out);
         }
     }
     for lw in p.labware.values() {
         if let Some(at) = &lw.at {
-            check(&format!("`{}`", lw.name), at, out);
+            place(format!("`{}`", lw.name), at, out);
         }
     }
+    // Slots named by load/unload steps exist on their device (occupancy changes
+    // as the run goes; the planner tracks it).
     for s in &p.steps {
-        if let Action::Unload { to, .. } = &s.action
-            && let Some(device) = p.devices.get(&to.role)
-        {
-            let slots = lab.slots(&to.role, device.kind);
-            if slots == 0 || to.slot == 0 || to.slot > slots {
-                out.push(Diagnostic::error(
-                    "bad-slot",
-                    to.span,
-                    format!("{} has no slot {} (slots 1..{slots})", to.role, to.slot),
-                ));
+        match &s.action {
+            Action::Unload { to, .. } => {
+                slot_exists(p, lab, &to.role, to.slot, to.span, out);
             }
-        }
-        if let Action::Load { slot: Some(slot), .. } = &s.action
-            && let Some(role) = &s.role
-            && let Some(device) = p.devices.get(&role.value)
-        {
-            let slots = lab.slots(&role.value, device.kind);
-            if slot.value == 0 || slot.value > slots {
-                out.push(Diagnostic::error(
-                    "bad-slot",
-                    slot.span,
-                    format!("{} has no slot {}: its slots are 1..{slots}", role.value, slot.value),
-                ));
+            Action::Load {
+                slot: Some(slot), ..
+            } => {
+                if let Some(role) = &s.role {
+                    slot_exists(p, lab, &role.value, slot.value, slot.span, out);
+                }
             }
+            _ => {}
         }
     }
 }
@@ -243,8 +289,14 @@ fn places(p: &Protocol, lab: &dyn DeviceLimits, out: &mut Vec<Diagnostic>) {
 fn setpoint_limits(p: &Protocol, lab: &dyn DeviceLimits, out: &mut Vec<Diagnostic>) {
     for s in &p.steps {
         let Some(role) = &s.role else { continue };
-        let Some(device) = p.devices.get(&role.value) else { continue };
-        let mut check = |setpoint: &str, q: &Sp<crate::units::Quantity>| match lab.setpoint_limits(&role.value, device.kind, setpoint) {
+        let Some(device) = p.devices.get(&role.value) else {
+            continue;
+        };
+        let mut check = |setpoint: &str, q: &Sp<crate::units::Quantity>| match lab.setpoint_limits(
+            &role.value,
+            device.kind,
+            setpoint,
+        ) {
             Some(limits) if !limits.contains(q.value.value) => out.push(
                 Diagnostic::error(
                     "out-of-limits",
@@ -254,7 +306,11 @@ fn setpoint_limits(p: &Protocol, lab: &dyn DeviceLimits, out: &mut Vec<Diagnosti
                         q.value, role.value, device.kind
                     ),
                 )
-                .with_hint(format!("{} accepts {limits} for {setpoint} in {}", role.value, lab.description())),
+                .with_hint(format!(
+                    "{} accepts {limits} for {setpoint} in {}",
+                    role.value,
+                    lab.description()
+                )),
             ),
             _ => {}
         };
@@ -264,8 +320,12 @@ fn setpoint_limits(p: &Protocol, lab: &dyn DeviceLimits, out: &mut Vec<Diagnosti
                     check(sp.setpoint, &sp.value);
                 }
             }
-            Action::Feed { rate: Some(rate), .. } => check("pump_rate", rate),
-            Action::PumpDispense { rate: Some(rate), .. } => check("rate", rate),
+            Action::Feed {
+                rate: Some(rate), ..
+            } => check("pump_rate", rate),
+            Action::PumpDispense {
+                rate: Some(rate), ..
+            } => check("rate", rate),
             _ => {}
         }
     }

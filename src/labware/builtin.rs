@@ -54,13 +54,19 @@ struct GridSpec {
     a1_from_back_mm: f64,
     pitch_x_mm: f64,
     pitch_y_mm: f64,
+    well: WellSpec,
+    tip_length_mm: Option<f64>,
+}
+
+/// What every well of a [`GridSpec`] shares.
+#[derive(Clone, Copy)]
+struct WellSpec {
     /// Well bottom above the labware's bottom; for tip racks, where the tip's
     /// end would be if it were pushed fully into the slot (height - tip length).
     bottom_z_mm: f64,
     depth_mm: f64,
     capacity_ul: f64,
     shape: WellShape,
-    tip_length_mm: Option<f64>,
 }
 
 impl GridSpec {
@@ -75,10 +81,10 @@ impl GridSpec {
                     name: name.clone(),
                     x_mm: round_mm(self.a1_from_left_mm + col as f64 * self.pitch_x_mm),
                     y_mm: round_mm(SBS_Y_MM - self.a1_from_back_mm - row as f64 * self.pitch_y_mm),
-                    z_mm: round_mm(self.bottom_z_mm),
-                    depth_mm: self.depth_mm,
-                    capacity_ul: self.capacity_ul,
-                    shape: self.shape,
+                    z_mm: round_mm(self.well.bottom_z_mm),
+                    depth_mm: self.well.depth_mm,
+                    capacity_ul: self.well.capacity_ul,
+                    shape: self.well.shape,
                 };
                 wells.insert(name.clone(), well);
                 column.push(name);
@@ -122,10 +128,7 @@ const fn sbs_96(
     display_name: &'static str,
     brand: &'static str,
     height_mm: f64,
-    bottom_z_mm: f64,
-    depth_mm: f64,
-    capacity_ul: f64,
-    shape: WellShape,
+    well: WellSpec,
 ) -> GridSpec {
     GridSpec {
         load_name,
@@ -138,10 +141,7 @@ const fn sbs_96(
         a1_from_back_mm: 11.24,
         pitch_x_mm: 9.0,
         pitch_y_mm: 9.0,
-        bottom_z_mm,
-        depth_mm,
-        capacity_ul,
-        shape,
+        well,
         tip_length_mm: None,
     }
 }
@@ -161,10 +161,12 @@ const fn tip_rack_96(
         display_name,
         "Opentrons",
         height_mm,
-        height_mm - tip_length_mm,
-        tip_length_mm,
-        capacity_ul,
-        circular(tip_diameter_mm),
+        WellSpec {
+            bottom_z_mm: height_mm - tip_length_mm,
+            depth_mm: tip_length_mm,
+            capacity_ul,
+            shape: circular(tip_diameter_mm),
+        },
     );
     spec.tip_length_mm = Some(tip_length_mm);
     spec
@@ -181,10 +183,12 @@ const SPECS: &[GridSpec] = &[
         "Corning 96 Well Plate 360 µL Flat",
         "Corning",
         14.22,
-        14.22 - 10.67,
-        10.67,
-        360.0,
-        circular(6.86),
+        WellSpec {
+            bottom_z_mm: 14.22 - 10.67,
+            depth_mm: 10.67,
+            capacity_ul: 360.0,
+            shape: circular(6.86),
+        },
     ),
     // Bio-Rad Hard-Shell HSP96xx (e.g. HSP9601, 96-well full skirt) product
     // dimensions: height 16.06, SBS A1 offsets, pitch 9.0, max well volume
@@ -194,10 +198,12 @@ const SPECS: &[GridSpec] = &[
         "Bio-Rad 96 Well Plate 200 µL PCR",
         "Bio-Rad",
         16.06,
-        16.06 - 14.81,
-        14.81,
-        200.0,
-        circular(5.46),
+        WellSpec {
+            bottom_z_mm: 16.06 - 14.81,
+            depth_mm: 14.81,
+            capacity_ul: 200.0,
+            shape: circular(5.46),
+        },
     ),
     // NEST 503001 "96 Deep Well Plate 2 mL" (catalogue number uncertain):
     // height 41, square wells 8.2 x 8.2 at the top, depth 38, SBS A1 offsets,
@@ -207,10 +213,12 @@ const SPECS: &[GridSpec] = &[
         "NEST 96 Deep Well Plate 2 mL",
         "NEST",
         41.0,
-        3.0,
-        38.0,
-        2000.0,
-        rectangular(8.2, 8.2),
+        WellSpec {
+            bottom_z_mm: 3.0,
+            depth_mm: 38.0,
+            capacity_ul: 2000.0,
+            shape: rectangular(8.2, 8.2),
+        },
     ),
     // NEST 402501 "96-Well PCR Plate 0.1 mL, full skirt": height 15.7, well
     // depth 14.78, top inner diameter 5.34, 100 µL. Bottom z 0.92 is
@@ -220,10 +228,12 @@ const SPECS: &[GridSpec] = &[
         "NEST 96 Well Plate 100 µL PCR Full Skirt",
         "NEST",
         15.7,
-        15.7 - 14.78,
-        14.78,
-        100.0,
-        circular(5.34),
+        WellSpec {
+            bottom_z_mm: 15.7 - 14.78,
+            depth_mm: 14.78,
+            capacity_ul: 100.0,
+            shape: circular(5.34),
+        },
     ),
     // Corning 384 well flat bottom microplates, standard volume (e.g. 3640;
     // which catalogue numbers share this body is uncertain), Corning 384 well
@@ -241,10 +251,12 @@ const SPECS: &[GridSpec] = &[
         a1_from_back_mm: 8.99,
         pitch_x_mm: 4.5,
         pitch_y_mm: 4.5,
-        bottom_z_mm: 14.22 - 11.43,
-        depth_mm: 11.43,
-        capacity_ul: 112.0,
-        shape: rectangular(3.63, 3.63),
+        well: WellSpec {
+            bottom_z_mm: 14.22 - 11.43,
+            depth_mm: 11.43,
+            capacity_ul: 112.0,
+            shape: rectangular(3.63, 3.63),
+        },
         tip_length_mm: None,
     },
     // Corning 3516 "6 Well Cell Culture Plate": height 20.27 without lid,
@@ -261,10 +273,12 @@ const SPECS: &[GridSpec] = &[
         a1_from_back_mm: 23.16,
         pitch_x_mm: 39.12,
         pitch_y_mm: 39.12,
-        bottom_z_mm: 20.27 - 17.4,
-        depth_mm: 17.4,
-        capacity_ul: 16_800.0,
-        shape: circular(35.43),
+        well: WellSpec {
+            bottom_z_mm: 20.27 - 17.4,
+            depth_mm: 17.4,
+            capacity_ul: 16_800.0,
+            shape: circular(35.43),
+        },
         tip_length_mm: None,
     },
     // Corning 3526 "24 Well Cell Culture Plate": height 20.27, pitch 19.3,
@@ -281,10 +295,12 @@ const SPECS: &[GridSpec] = &[
         a1_from_back_mm: 13.78,
         pitch_x_mm: 19.3,
         pitch_y_mm: 19.3,
-        bottom_z_mm: 20.27 - 17.4,
-        depth_mm: 17.4,
-        capacity_ul: 3400.0,
-        shape: circular(16.26),
+        well: WellSpec {
+            bottom_z_mm: 20.27 - 17.4,
+            depth_mm: 17.4,
+            capacity_ul: 3400.0,
+            shape: circular(16.26),
+        },
         tip_length_mm: None,
     },
     // NEST 360102 "12 Well Reservoir 15 mL": height 31.4, 12 channels of
@@ -302,10 +318,12 @@ const SPECS: &[GridSpec] = &[
         a1_from_back_mm: SBS_Y_MM / 2.0,
         pitch_x_mm: 9.0,
         pitch_y_mm: 9.0,
-        bottom_z_mm: 4.55,
-        depth_mm: 26.85,
-        capacity_ul: 15_000.0,
-        shape: rectangular(8.2, 71.2),
+        well: WellSpec {
+            bottom_z_mm: 4.55,
+            depth_mm: 26.85,
+            capacity_ul: 15_000.0,
+            shape: rectangular(8.2, 71.2),
+        },
         tip_length_mm: None,
     },
     // NEST 360103 "1 Well Reservoir 195 mL": height 31.4, one trough of
@@ -322,10 +340,12 @@ const SPECS: &[GridSpec] = &[
         a1_from_back_mm: SBS_Y_MM / 2.0,
         pitch_x_mm: 0.0,
         pitch_y_mm: 0.0,
-        bottom_z_mm: 4.55,
-        depth_mm: 25.0,
-        capacity_ul: 195_000.0,
-        shape: rectangular(106.8, 71.2),
+        well: WellSpec {
+            bottom_z_mm: 4.55,
+            depth_mm: 25.0,
+            capacity_ul: 195_000.0,
+            shape: rectangular(106.8, 71.2),
+        },
         tip_length_mm: None,
     },
     // Opentrons 4-in-1 tube rack set, 24-tube insert, holding Eppendorf
@@ -344,10 +364,12 @@ const SPECS: &[GridSpec] = &[
         a1_from_back_mm: 10.05,
         pitch_x_mm: 19.28,
         pitch_y_mm: 19.28,
-        bottom_z_mm: 79.85 - 37.8,
-        depth_mm: 37.8,
-        capacity_ul: 1500.0,
-        shape: circular(8.7),
+        well: WellSpec {
+            bottom_z_mm: 79.85 - 37.8,
+            depth_mm: 37.8,
+            capacity_ul: 1500.0,
+            shape: circular(8.7),
+        },
         tip_length_mm: None,
     },
     // Opentrons OT-2 tip racks (Opentrons' published tip and rack dimensions

@@ -25,8 +25,8 @@ use std::marker::PhantomData;
 use std::path::Path;
 
 /// Largest definition file accepted. Real definitions are well under 1 MiB
-/// (a 1536-well plate is about 0.5 MiB); the limit keeps a wrong file from
-/// being read into memory whole.
+/// (even a 1536-well plate takes a few hundred KiB); the limit keeps a wrong
+/// file from being read into memory whole.
 pub const MAX_DEFINITION_BYTES: usize = 16 * 1024 * 1024;
 
 /// Most wells (and names in `ordering`) a definition may have.
@@ -188,19 +188,15 @@ const SCHEMA_HINT: &str = "this program reads Opentrons labware definitions with
 // Serde side: the document's shape, tolerant of missing keys and wrong types.
 
 /// One value of the document as serde found it.
+#[derive(Default)]
 enum Field<T> {
+    #[default]
     Missing,
     Wrong {
         found: Found,
         expected: &'static str,
     },
     Present(T),
-}
-
-impl<T> Default for Field<T> {
-    fn default() -> Self {
-        Field::Missing
-    }
 }
 
 /// A value of an unexpected type, described for messages.
@@ -537,10 +533,10 @@ impl Checker<'_> {
             &[Key("parameters"), Key("isTiprack")],
         )?;
         let tip_length_path = [Key("parameters"), Key("tipLength")];
-        let tip_length_mm = match self.optional(parameters.tip_length, &tip_length_path)? {
-            Some(length) => Some(self.positive(Field::Present(length), &tip_length_path)?),
-            None => None,
-        };
+        let tip_length_mm = self
+            .optional(parameters.tip_length, &tip_length_path)?
+            .map(|length| self.positive_value(length, &tip_length_path))
+            .transpose()?;
         if is_tiprack && tip_length_mm.is_none() {
             return Err(self
                 .error(
@@ -818,6 +814,10 @@ impl Checker<'_> {
 
     fn positive(&self, field: Field<f64>, path: &[Seg<'_>]) -> Result<f64, DefinitionError> {
         let value = self.required(field, path)?;
+        self.positive_value(value, path)
+    }
+
+    fn positive_value(&self, value: f64, path: &[Seg<'_>]) -> Result<f64, DefinitionError> {
         if value.is_finite() && value > 0.0 {
             Ok(value)
         } else {
@@ -1402,6 +1402,18 @@ mod tests {
 
         let e = error(&fixture_with("\"brand\": {", "\"brand\": 7, \"unused\": {"));
         assert_eq!(e.message, "brand must be an object (found 7)");
+
+        let b2 = FIXTURE
+            .lines()
+            .find(|l| l.trim_start().starts_with("\"B2\""))
+            .unwrap();
+        let text = fixture_with(b2, "    \"B2\": 5,");
+        let e = error(&text);
+        assert_eq!(e.message, "wells.B2 must be an object (found 5)");
+        assert_eq!((e.line, e.column), position_of(&text, "\"B2\": 5"));
+
+        let e = error(&fixture_with("[\"A1\", \"B1\"]", "[\"A1\", 2]"));
+        assert_eq!(e.message, "ordering[0][1] must be a string (found 2)");
 
         let e = error(&fixture_with("[\"A2\", \"B2\"]", "\"A2,B2\""));
         assert_eq!(

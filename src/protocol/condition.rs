@@ -70,6 +70,13 @@ pub struct ConditionError {
 }
 
 pub fn parse_condition(text: &str) -> Result<RawCondition, ConditionError> {
+    if let Some(at) = text.find(['(', ')']) {
+        return Err(ConditionError {
+            message: "conditions have no parentheses in format 1; `and` binds tighter than `or`"
+                .into(),
+            range: at..at + 1,
+        });
+    }
     let mut any = Vec::new();
     let mut all = Vec::new();
     let mut clause_start = 0;
@@ -139,26 +146,35 @@ fn parse_comparison(clause: &str, base: usize) -> Result<RawComparison, Conditio
         ("<", Op::Lt),
         (">", Op::Gt),
     ];
-    let found = trimmed
-        .char_indices()
-        .find_map(|(i, _)| {
-            ops.iter()
-                .find(|(sym, _)| trimmed[i..].starts_with(sym))
-                .map(|(sym, op)| (i, sym.len(), *op))
-        })
-        .ok_or_else(|| ConditionError {
+    let is_op_char = |c: char| matches!(c, '=' | '<' | '>' | '!');
+    let Some(at) = trimmed.find(is_op_char) else {
+        return Err(ConditionError {
             message: format!(
                 "`{trimmed}` is not a comparison; write `<role>.<signal> <op> <value>` with one of < <= > >= == !="
             ),
-            range: whole.clone(),
-        })?;
-    let (at, len, op) = found;
-    if trimmed[at + len..].starts_with(['=', '<', '>']) {
-        return Err(ConditionError {
-            message: format!("unknown operator in `{trimmed}`"),
             range: whole,
         });
-    }
+    };
+    let written: String = trimmed[at..]
+        .chars()
+        .take_while(|c| is_op_char(*c))
+        .collect();
+    let len = written.len();
+    let Some(&(_, op)) = ops.iter().find(|(sym, _)| *sym == written) else {
+        // `=>`, `=<`, `=` and `<>` are common slips; name the operator that was meant.
+        let meant = match written.as_str() {
+            "=>" => "did you mean `>=`?",
+            "=<" => "did you mean `<=`?",
+            "=" => "did you mean `==`?",
+            "<>" => "did you mean `!=`?",
+            _ => "use one of < <= > >= == !=",
+        };
+        let start = whole.start + at;
+        return Err(ConditionError {
+            message: format!("unknown operator `{written}`; {meant}"),
+            range: start..start + len,
+        });
+    };
     let subject = trimmed[..at].trim();
     let value = trimmed[at + len..].trim();
     let subject_start = whole.start;
@@ -168,13 +184,21 @@ fn parse_comparison(clause: &str, base: usize) -> Result<RawComparison, Conditio
     let value_range = value_start..value_start + value.len();
     let Some((role, signal)) = subject.split_once('.') else {
         return Err(ConditionError {
-            message: format!("`{subject}` does not name a signal; write `<role>.<signal>`, e.g. `br.od600`"),
-            range: if subject.is_empty() { whole } else { subject_range },
+            message: format!(
+                "`{subject}` does not name a signal; write `<role>.<signal>`, e.g. `br.od600`"
+            ),
+            range: if subject.is_empty() {
+                whole
+            } else {
+                subject_range
+            },
         });
     };
     if role.is_empty() || signal.is_empty() || signal.contains('.') || subject.contains(' ') {
         return Err(ConditionError {
-            message: format!("`{subject}` does not name a signal; write `<role>.<signal>`, e.g. `br.od600`"),
+            message: format!(
+                "`{subject}` does not name a signal; write `<role>.<signal>`, e.g. `br.od600`"
+            ),
             range: subject_range,
         });
     }
@@ -201,7 +225,8 @@ mod tests {
 
     #[test]
     fn and_binds_tighter_than_or() {
-        let c = parse_condition("br.od600 >= 0.6 and br.ph < 7.2 or br.temperature > 40 C").unwrap();
+        let c =
+            parse_condition("br.od600 >= 0.6 and br.ph < 7.2 or br.temperature > 40 C").unwrap();
         assert_eq!(c.any.len(), 2);
         assert_eq!(c.any[0].len(), 2);
         assert_eq!(c.any[1][0].signal, "temperature");
@@ -219,7 +244,15 @@ mod tests {
 
     #[test]
     fn malformed_conditions_are_errors() {
-        for bad in ["", "br.od600", "od600 > 1", "br.od600 > ", "br.od600 > 1 and", "br.od600 => 1", "and br.ph < 7"] {
+        for bad in [
+            "",
+            "br.od600",
+            "od600 > 1",
+            "br.od600 > ",
+            "br.od600 > 1 and",
+            "br.od600 => 1",
+            "and br.ph < 7",
+        ] {
             assert!(parse_condition(bad).is_err(), "{bad:?}");
         }
     }

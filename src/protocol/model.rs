@@ -59,6 +59,22 @@ pub struct Param {
     pub used: bool,
 }
 
+impl Param {
+    /// Where a value came from, for messages: `--param volume=10 uL` or
+    /// ``parameter `volume` = "100 uL"``.
+    pub fn origin(&self) -> String {
+        if self.overridden {
+            let plain = match &self.value {
+                ParamValue::Text(s) => s.clone(),
+                other => other.to_string(),
+            };
+            format!("--param {}={plain}", self.name)
+        } else {
+            format!("parameter `{}` = {}", self.name, self.value)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DeviceRole {
     pub name: String,
@@ -182,7 +198,8 @@ pub struct Transfer {
     pub from: WellSet,
     pub to: WellSet,
     pub volume: Sp<Quantity>,
-    pub tips: TipPolicy,
+    /// Where `tips` was written, or the step's `do` when it was left out.
+    pub tips: Sp<TipPolicy>,
     pub tip_rack: Option<Sp<String>>,
     pub mix_before: Option<Sp<MixSpec>>,
     pub mix_after: Option<Sp<MixSpec>>,
@@ -198,13 +215,31 @@ pub struct SetpointValue {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Transfer(Box<Transfer>),
-    Aspirate { from: WellSet, volume: Sp<Quantity> },
-    Dispense { to: WellSet, volume: Sp<Quantity> },
-    Mix { at: WellSet, volume: Sp<Quantity>, cycles: u32 },
-    PickUpTip { tip_rack: Option<Sp<String>> },
+    Aspirate {
+        from: WellSet,
+        volume: Sp<Quantity>,
+    },
+    Dispense {
+        to: WellSet,
+        volume: Sp<Quantity>,
+    },
+    Mix {
+        at: WellSet,
+        volume: Sp<Quantity>,
+        cycles: u32,
+    },
+    PickUpTip {
+        tip_rack: Option<Sp<String>>,
+    },
     DropTip,
-    Load { labware: Sp<String>, slot: Option<Sp<u32>> },
-    Unload { labware: Sp<String>, to: Sp<Location> },
+    Load {
+        labware: Sp<String>,
+        slot: Option<Sp<u32>>,
+    },
+    Unload {
+        labware: Sp<String>,
+        to: Sp<Location>,
+    },
     /// Setpoint changes: `set`, `set_temperature`, `set_co2`, `shake`, a pump's `run` ...
     /// `wait` makes the step last until the values are reached; `duration`
     /// returns the setpoints to off after that long (`shake { duration }`).
@@ -219,14 +254,30 @@ pub enum Action {
         rate: Option<Sp<Quantity>>,
         duration: Option<Sp<Quantity>>,
     },
-    PumpDispense { volume: Sp<Quantity>, rate: Option<Sp<Quantity>> },
-    Sample { read: Vec<Sp<String>> },
+    PumpDispense {
+        volume: Sp<Quantity>,
+        rate: Option<Sp<Quantity>>,
+    },
+    Sample {
+        read: Vec<Sp<String>>,
+    },
     /// An action without arguments: open_door, stop_shaking, deactivate, stop ...
-    Command { name: &'static str },
-    Wait { duration: Sp<Quantity> },
-    WaitUntil { condition: Condition, poll: Option<Sp<Quantity>> },
-    Prompt { message: String },
-    Log { message: String },
+    Command {
+        name: &'static str,
+    },
+    Wait {
+        duration: Sp<Quantity>,
+    },
+    WaitUntil {
+        condition: Condition,
+        poll: Option<Sp<Quantity>>,
+    },
+    Prompt {
+        message: String,
+    },
+    Log {
+        message: String,
+    },
     /// A step whose action could not be read; only in protocols that have errors.
     Invalid,
 }

@@ -17,6 +17,7 @@ use crate::labware::{builtin, opentrons};
 use crate::source::{SourceFile, Sp, Span};
 use crate::units::{Dimension, Quantity, parse_limits, parse_quantity};
 use indexmap::IndexMap;
+use std::collections::HashSet;
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -53,7 +54,10 @@ impl std::str::FromStr for ParamOverride {
 /// Parses a protocol. Returns the protocol (best effort: steps whose action
 /// could not be read are [`Action::Invalid`]) and every diagnostic found; the
 /// protocol is `None` only when the text is not TOML at all.
-pub fn parse(file: Arc<SourceFile>, overrides: &[ParamOverride]) -> (Option<Protocol>, Vec<Diagnostic>) {
+pub fn parse(
+    file: Arc<SourceFile>,
+    overrides: &[ParamOverride],
+) -> (Option<Protocol>, Vec<Diagnostic>) {
     if file.text.len() > MAX_FILE_BYTES {
         return (
             None,
@@ -75,7 +79,7 @@ pub fn parse(file: Arc<SourceFile>, overrides: &[ParamOverride]) -> (Option<Prot
             .map(|e| {
                 let span = e.span().map(Span::from).unwrap_or_default();
                 Diagnostic::error("toml-syntax", span, e.message().trim().to_string())
-                    .with_hint("see https://toml.io for the syntax; strings need double quotes")
+                    .with_hint("the file must be TOML (https://toml.io): `key = value` lines, strings in double quotes, [tables] and [[arrays of tables]]")
             })
             .collect();
         return (None, diags);
@@ -93,6 +97,8 @@ pub fn parse(file: Arc<SourceFile>, overrides: &[ParamOverride]) -> (Option<Prot
         labware: IndexMap::new(),
         role_uses: Vec::new(),
         base_dir,
+        broken_roles: HashSet::new(),
+        broken_labware: HashSet::new(),
     };
     let protocol = p.document(root.get_ref(), overrides, Arc::clone(&file));
     (Some(protocol), p.diags)
@@ -106,6 +112,10 @@ struct Parser<'t> {
     labware: IndexMap<String, Labware>,
     role_uses: Vec<Sp<String>>,
     base_dir: PathBuf,
+    /// Roles and labware whose declaration was wrong (already reported): their
+    /// uses are not reported again.
+    broken_roles: HashSet<String>,
+    broken_labware: HashSet<String>,
 }
 
 /// A string value after `${param}` substitution.
@@ -171,8 +181,17 @@ fn to_f64(v: &DeValue<'_>) -> Option<f64> {
     }
 }
 
-const TOP_KEYS: &[&str] = &["format", "protocol", "params", "devices", "labware", "step", "monitor"];
-const PROTOCOL_KEYS: &[&str] = &["name", "version", "description", "authors", "on_error", "retries"];
+const TOP_KEYS: &[&str] = &[
+    "format", "protocol", "params", "devices", "labware", "step", "monitor",
+];
+const PROTOCOL_KEYS: &[&str] = &[
+    "name",
+    "version",
+    "description",
+    "authors",
+    "on_error",
+    "retries",
+];
 const LABWARE_KEYS: &[&str] = &["type", "definition", "at", "contents", "note"];
 const MONITOR_KEYS: &[&str] = &["id", "device", "read", "every", "limits", "on_violation"];
 const DEVICE_KEYS: &[&str] = &["kind", "at"];
@@ -181,7 +200,12 @@ const DEVICE_KEYS: &[&str] = &["kind", "at"];
 pub const DEFAULT_RETRIES: u32 = 3;
 
 impl<'t> Parser<'t> {
-    fn error(&mut self, code: &'static str, span: Span, message: impl Into<String>) -> &mut Diagnostic {
+    fn error(
+        &mut self,
+        code: &'static str,
+        span: Span,
+        message: impl Into<String>,
+    ) -> &mut Diagnostic {
         self.diags.push(Diagnostic::error(code, span, message));
         let last = self.diags.len() - 1;
         &mut self.diags[last]
@@ -191,19 +215,32 @@ impl<'t> Parser<'t> {
         self.diags.push(d);
     }
 
-    fn document(&mut self, root: &DeTable<'_>, overrides: &[ParamOverride], file: Arc<SourceFile>) -> Protocol {
-        self.check_keys(root, TOP_KEYS, "the protocol file", Span::new(0, 0));
+    fn document(
+        &mut self,
+        root: &DeTable<'_>,
+        overrides: &[ParamOverride],
+        file: Arc<SourceFile>,
+    ) -> Protocol {
+        let clean_root = self.check_keys(root, TOP_KEYS, "the protocol file");
         match root.get("format") {
             None => {
-                self.error("missing-format", Span::new(0, 0), "the file does not say its format")
-                    .hint = Some(format!("start the file with format = \"{FORMAT}\""));
+                self.error(
+                    "missing-format",
+                    Span::new(0, 0),
+                    "the file does not say its format",
+                )
+                .hint = Some(format!("start the file with format = \"{FORMAT}\""));
             }
             Some(v) => {
                 if let Some(t) = self.plain_string(v, "format")
                     && t.value != FORMAT
                 {
-                    self.error("unsupported-format", t.span, format!("unsupported format `{}`", t.value))
-                        .hint = Some(format!("this controller reads format = \"{FORMAT}\""));
+                    self.error(
+                        "unsupported-format",
+                        t.span,
+                        format!("unsupported format `{}`", t.value),
+                    )
+                    .hint = Some(format!("this controller reads format = \"{FORMAT}\""));
                 }
             }
         }
@@ -222,21 +259,30 @@ impl<'t> Parser<'t> {
         let mut on_error = ErrorPolicy::Hold;
         let mut default_retries = DEFAULT_RETRIES;
         match root.get("protocol") {
+            None if !clean_root => {}
             None => {
-                self.error("missing-section", Span::new(0, 0), "the file has no [protocol] table")
-                    .hint = Some("add [protocol] with at least name = \"...\"".into());
+                self.error(
+                    "missing-section",
+                    Span::new(0, 0),
+                    "the file has no [protocol] table",
+                )
+                .hint = Some("add [protocol] with at least name = \"...\"".into());
             }
             Some(v) => {
                 if let Some(t) = self.table(v, "[protocol]") {
-                    self.check_keys(t, PROTOCOL_KEYS, "[protocol]", span_of(v));
+                    let clean = self.check_keys(t, PROTOCOL_KEYS, "[protocol]");
                     match t.get("name") {
                         Some(n) => name = self.text(n, "name").map(|t| t.value).unwrap_or_default(),
+                        None if !clean => {}
                         None => {
                             self.error("missing-key", span_of(v), "[protocol] needs a `name`")
                                 .hint = Some("name = \"Serial dilution 1:2\"".into());
                         }
                     }
-                    version = t.get("version").and_then(|v| self.text(v, "version")).map(|t| t.value);
+                    version = t
+                        .get("version")
+                        .and_then(|v| self.text(v, "version"))
+                        .map(|t| t.value);
                     description = t
                         .get("description")
                         .and_then(|v| self.text(v, "description"))
@@ -283,7 +329,10 @@ impl<'t> Parser<'t> {
                     self.error(
                         "wrong-type",
                         span_of(v),
-                        format!("`step` must be an array of tables, found {}", type_name(other)),
+                        format!(
+                            "`step` must be an array of tables, found {}",
+                            type_name(other)
+                        ),
                     )
                     .hint = Some("write each step as [[step]]".into());
                 }
@@ -303,7 +352,10 @@ impl<'t> Parser<'t> {
                     self.error(
                         "wrong-type",
                         span_of(v),
-                        format!("`monitor` must be an array of tables, found {}", type_name(other)),
+                        format!(
+                            "`monitor` must be an array of tables, found {}",
+                            type_name(other)
+                        ),
                     )
                     .hint = Some("write each monitor as [[monitor]]".into());
                 }
@@ -328,16 +380,26 @@ impl<'t> Parser<'t> {
 
     // ---- generic value helpers -------------------------------------------------
 
-    fn check_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], context: &str, _at: Span) {
+    /// Reports keys not in `allowed`; returns whether all were known. A table with
+    /// a misspelt key reports no "missing key" as well: the misspelling is the one
+    /// mistake.
+    fn check_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], context: &str) -> bool {
+        let mut clean = true;
         for key in table.keys() {
             let k: &str = key.get_ref();
             if !allowed.contains(&k) {
                 let hint = did_you_mean(k, allowed.iter().copied())
                     .unwrap_or_else(|| format!("{context} accepts: {}", allowed.join(", ")));
-                self.error("unknown-key", span_of(key), format!("unknown key `{k}` in {context}"))
-                    .hint = Some(hint);
+                self.error(
+                    "unknown-key",
+                    span_of(key),
+                    format!("unknown key `{k}` in {context}"),
+                )
+                .hint = Some(hint);
+                clean = false;
             }
         }
+        clean
     }
 
     fn table<'v, 'i>(&mut self, v: &'v Value<'i>, what: &str) -> Option<&'v DeTable<'i>> {
@@ -421,23 +483,20 @@ impl<'t> Parser<'t> {
                         ParamValue::Text(s) => out.push_str(s),
                         other => out.push_str(&other.to_string()),
                     }
-                    origins.push(if param.overridden {
-                        format!("--param {name}={}", param_plain(value))
-                    } else {
-                        format!("parameter `{name}` = {value}")
-                    });
+                    origins.push(param.origin());
                 }
                 None => {
-                    let hint = did_you_mean(name, self.params.keys().map(String::as_str)).unwrap_or_else(|| {
-                        if self.params.is_empty() {
-                            "declare it in a [params] table".into()
-                        } else {
-                            format!(
-                                "declared parameters: {}",
-                                self.params.keys().cloned().collect::<Vec<_>>().join(", ")
-                            )
-                        }
-                    });
+                    let hint = did_you_mean(name, self.params.keys().map(String::as_str))
+                        .unwrap_or_else(|| {
+                            if self.params.is_empty() {
+                                "declare it in a [params] table".into()
+                            } else {
+                                format!(
+                                    "declared parameters: {}",
+                                    self.params.keys().cloned().collect::<Vec<_>>().join(", ")
+                                )
+                            }
+                        });
                     self.error("unknown-param", span, format!("unknown parameter `{name}`"))
                         .hint = Some(hint);
                     return None;
@@ -456,7 +515,12 @@ impl<'t> Parser<'t> {
         })
     }
 
-    fn quantity(&mut self, v: &Value<'_>, dimension: Dimension, what: &str) -> Option<Sp<Quantity>> {
+    fn quantity(
+        &mut self,
+        v: &Value<'_>,
+        dimension: Dimension,
+        what: &str,
+    ) -> Option<Sp<Quantity>> {
         let span = span_of(v);
         let number = match v.get_ref() {
             DeValue::Integer(_) | DeValue::Float(_) => to_f64(v.get_ref()).map(|n| (n, None)),
@@ -503,8 +567,11 @@ impl<'t> Parser<'t> {
                 dimension.name(),
                 dimension.example()
             ));
-            self.error("bad-quantity", span, message).hint =
-                Some(format!("units of {}: {}", dimension.name(), dimension.units()));
+            self.error("bad-quantity", span, message).hint = Some(format!(
+                "units of {}: {}",
+                dimension.name(),
+                dimension.units()
+            ));
             return None;
         }
         if !n.is_finite() || n < 0.0 {
@@ -519,7 +586,11 @@ impl<'t> Parser<'t> {
         if q.value.value > 0.0 {
             return true;
         }
-        self.error("not-positive", q.span, format!("`{what}` must be more than zero"));
+        self.error(
+            "not-positive",
+            q.span,
+            format!("`{what}` must be more than zero"),
+        );
         false
     }
 
@@ -534,7 +605,10 @@ impl<'t> Parser<'t> {
                     _ => t.value.trim().parse::<i64>().ok(),
                 };
                 if n.is_none() {
-                    let message = t.note(format!("`{what}` must be a whole number, found \"{}\"", t.value));
+                    let message = t.note(format!(
+                        "`{what}` must be a whole number, found \"{}\"",
+                        t.value
+                    ));
                     self.error("wrong-type", span, message);
                     return None;
                 }
@@ -544,7 +618,10 @@ impl<'t> Parser<'t> {
                 self.error(
                     "wrong-type",
                     span,
-                    format!("`{what}` must be a whole number, found {}", type_name(other)),
+                    format!(
+                        "`{what}` must be a whole number, found {}",
+                        type_name(other)
+                    ),
                 );
                 return None;
             }
@@ -592,7 +669,12 @@ impl<'t> Parser<'t> {
         }
     }
 
-    fn choice(&mut self, v: &Value<'_>, options: &'static [&'static str], what: &str) -> Option<Sp<&'static str>> {
+    fn choice(
+        &mut self,
+        v: &Value<'_>,
+        options: &'static [&'static str],
+        what: &str,
+    ) -> Option<Sp<&'static str>> {
         let t = self.text(v, what)?;
         match options.iter().find(|o| **o == t.value) {
             Some(o) => Some(Sp::new(*o, t.span)),
@@ -621,7 +703,10 @@ impl<'t> Parser<'t> {
                 self.error(
                     "wrong-type",
                     span_of(v),
-                    format!("`{what}` must be a list of strings, found {}", type_name(other)),
+                    format!(
+                        "`{what}` must be a list of strings, found {}",
+                        type_name(other)
+                    ),
                 );
                 None
             }
@@ -633,10 +718,19 @@ impl<'t> Parser<'t> {
         if let Some(d) = self.devices.get(role) {
             return Some(d.kind);
         }
-        let hint = did_you_mean(role, self.devices.keys().map(String::as_str))
-            .unwrap_or_else(|| format!("declare it in [devices], e.g. {role} = \"liquid_handler\""));
-        self.error("unknown-role", span, format!("role `{role}` is not declared in [devices]"))
-            .hint = Some(hint);
+        if self.broken_roles.contains(role) {
+            return None;
+        }
+        let hint =
+            did_you_mean(role, self.devices.keys().map(String::as_str)).unwrap_or_else(|| {
+                format!("declare it in [devices], e.g. {role} = \"liquid_handler\"")
+            });
+        self.error(
+            "unknown-role",
+            span,
+            format!("role `{role}` is not declared in [devices]"),
+        )
+        .hint = Some(hint);
         None
     }
 
@@ -669,10 +763,17 @@ impl<'t> Parser<'t> {
         if self.labware.contains_key(name) {
             return true;
         }
+        if self.broken_labware.contains(name) {
+            return false;
+        }
         let hint = did_you_mean(name, self.labware.keys().map(String::as_str))
             .unwrap_or_else(|| format!("declare it as [labware.{name}] with a type and a place"));
-        self.error("unknown-labware", span, format!("no labware named `{name}`"))
-            .hint = Some(hint);
+        self.error(
+            "unknown-labware",
+            span,
+            format!("no labware named `{name}`"),
+        )
+        .hint = Some(hint);
         false
     }
 
@@ -700,8 +801,10 @@ impl<'t> Parser<'t> {
             }),
             Err(e) => {
                 let span = t.sub_span(e.range);
-                self.error("well-outside", span, t.note(e.message)).hint =
-                    Some(format!("`{}` is {}", selection.labware, definition.load_name));
+                self.error("well-outside", span, t.note(e.message)).hint = Some(format!(
+                    "`{}` is {}",
+                    selection.labware, definition.load_name
+                ));
                 None
             }
         }
@@ -717,7 +820,11 @@ impl<'t> Parser<'t> {
                 let pv = match value.get_ref() {
                     DeValue::String(s) => {
                         if s.contains("${") {
-                            self.error("bad-param", span_of(value), "a parameter cannot use other parameters");
+                            self.error(
+                                "bad-param",
+                                span_of(value),
+                                "a parameter cannot use other parameters",
+                            );
                             continue;
                         }
                         ParamValue::Text(s.to_string())
@@ -732,7 +839,11 @@ impl<'t> Parser<'t> {
                     DeValue::Float(_) => match to_f64(value.get_ref()).filter(|f| f.is_finite()) {
                         Some(f) => ParamValue::Float(f),
                         None => {
-                            self.error("bad-param", span_of(value), "a parameter must be a finite number");
+                            self.error(
+                                "bad-param",
+                                span_of(value),
+                                "a parameter must be a finite number",
+                            );
                             continue;
                         }
                     },
@@ -741,7 +852,10 @@ impl<'t> Parser<'t> {
                         self.error(
                             "bad-param",
                             span_of(value),
-                            format!("a parameter is a string, number or boolean, not {}", type_name(other)),
+                            format!(
+                                "a parameter is a string, number or boolean, not {}",
+                                type_name(other)
+                            ),
                         )
                         .hint = Some("e.g. volume = \"100 uL\" or cycles = 3".into());
                         continue;
@@ -766,20 +880,24 @@ impl<'t> Parser<'t> {
     fn apply_overrides(&mut self, overrides: &[ParamOverride], params_span: Span) {
         for o in overrides {
             let Some(param) = self.params.get_mut(&o.name) else {
-                let hint = did_you_mean(&o.name, self.params.keys().map(String::as_str)).unwrap_or_else(|| {
-                    if self.params.is_empty() {
-                        "this protocol declares no parameters".into()
-                    } else {
-                        format!(
-                            "declared parameters: {}",
-                            self.params.keys().cloned().collect::<Vec<_>>().join(", ")
-                        )
-                    }
-                });
+                let hint = did_you_mean(&o.name, self.params.keys().map(String::as_str))
+                    .unwrap_or_else(|| {
+                        if self.params.is_empty() {
+                            "this protocol declares no parameters".into()
+                        } else {
+                            format!(
+                                "declared parameters: {}",
+                                self.params.keys().cloned().collect::<Vec<_>>().join(", ")
+                            )
+                        }
+                    });
                 self.error(
                     "unknown-param",
                     params_span,
-                    format!("--param {}: the protocol has no parameter `{}`", o.name, o.name),
+                    format!(
+                        "--param {}: the protocol has no parameter `{}`",
+                        o.name, o.name
+                    ),
                 )
                 .hint = Some(hint);
                 continue;
@@ -800,34 +918,58 @@ impl<'t> Parser<'t> {
     }
 
     fn devices_table(&mut self, v: &Value<'_>) {
-        let Some(t) = self.table(v, "[devices]") else { return };
+        let Some(t) = self.table(v, "[devices]") else {
+            return;
+        };
         let mut placements = Vec::new();
         for (key, value) in t.iter() {
             let role: &str = key.get_ref();
             let key_span = span_of(key);
             if !valid_name(role) {
-                self.error("bad-name", key_span, format!("`{role}` cannot be a role name"))
-                    .hint = Some("use letters, digits and _ (it is written as `<role>.<action>`)".into());
+                self.error(
+                    "bad-name",
+                    key_span,
+                    format!("`{role}` cannot be a role name"),
+                )
+                .hint =
+                    Some("use letters, digits and _ (it is written as `<role>.<action>`)".into());
+                self.broken_roles.insert(role.to_string());
                 continue;
             }
             let (kind_value, at) = match value.get_ref() {
                 DeValue::Table(inline) => {
-                    self.check_keys(inline, DEVICE_KEYS, &format!("device `{role}`"), key_span);
+                    let clean = self.check_keys(inline, DEVICE_KEYS, &format!("device `{role}`"));
                     let Some(k) = inline.get("kind") else {
-                        self.error("missing-key", span_of(value), format!("device `{role}` needs a `kind`"));
+                        self.broken_roles.insert(role.to_string());
+                        if !clean {
+                            continue;
+                        }
+                        self.error(
+                            "missing-key",
+                            span_of(value),
+                            format!("device `{role}` needs a `kind`"),
+                        );
                         continue;
                     };
                     (k, inline.get("at"))
                 }
                 _ => (value, None),
             };
-            let Some(kind_text) = self.text(kind_value, "kind") else { continue };
+            let Some(kind_text) = self.text(kind_value, "kind") else {
+                self.broken_roles.insert(role.to_string());
+                continue;
+            };
             let Some(kind) = DeviceKind::from_name(&kind_text.value) else {
+                self.broken_roles.insert(role.to_string());
                 let names = DeviceKind::ALL.map(DeviceKind::name);
                 let hint = did_you_mean(&kind_text.value, names)
                     .unwrap_or_else(|| format!("kinds: {}", names.join(", ")));
-                self.error("unknown-kind", kind_text.span, format!("unknown device kind `{}`", kind_text.value))
-                    .hint = Some(hint);
+                self.error(
+                    "unknown-kind",
+                    kind_text.span,
+                    format!("unknown device kind `{}`", kind_text.value),
+                )
+                .hint = Some(hint);
                 continue;
             };
             self.devices.insert(
@@ -855,27 +997,42 @@ impl<'t> Parser<'t> {
     }
 
     fn labware_table(&mut self, v: &Value<'_>) {
-        let Some(t) = self.table(v, "[labware]") else { return };
+        let Some(t) = self.table(v, "[labware]") else {
+            return;
+        };
         for (key, value) in t.iter() {
             let name: &str = key.get_ref();
             let key_span = span_of(key);
             if !valid_name(name) {
-                self.error("bad-name", key_span, format!("`{name}` cannot be a labware name"))
-                    .hint = Some("use letters, digits and _ (it is written as `<labware>:<well>`)".into());
+                self.error(
+                    "bad-name",
+                    key_span,
+                    format!("`{name}` cannot be a labware name"),
+                )
+                .hint =
+                    Some("use letters, digits and _ (it is written as `<labware>:<well>`)".into());
+                self.broken_labware.insert(name.to_string());
                 continue;
             }
-            let Some(lt) = self.table(value, &format!("[labware.{name}]")) else { continue };
-            self.check_keys(lt, LABWARE_KEYS, &format!("[labware.{name}]"), key_span);
+            let Some(lt) = self.table(value, &format!("[labware.{name}]")) else {
+                self.broken_labware.insert(name.to_string());
+                continue;
+            };
+            let clean = self.check_keys(lt, LABWARE_KEYS, &format!("[labware.{name}]"));
             let definition = match (lt.get("definition"), lt.get("type")) {
                 (Some(d), _) => self.definition_file(d),
                 (None, Some(ty)) => self.builtin_type(ty),
+                (None, None) if !clean => None,
                 (None, None) => {
                     self.error("missing-key", key_span, format!("labware `{name}` needs a `type`"))
                         .hint = Some("e.g. type = \"corning_96_wellplate_360ul_flat\", or definition = \"my_plate.json\"".into());
                     None
                 }
             };
-            let Some(definition) = definition else { continue };
+            let Some(definition) = definition else {
+                self.broken_labware.insert(name.to_string());
+                continue;
+            };
             let at = lt
                 .get("at")
                 .and_then(|a| self.text(a, "at"))
@@ -902,8 +1059,12 @@ impl<'t> Parser<'t> {
                 let hint = did_you_mean(&t.value, builtin::builtin_names().iter().copied()).unwrap_or_else(|| {
                     "see `biofoundry labware` for the built-in types, or load a file with definition = \"plate.json\"".into()
                 });
-                self.error("unknown-labware-type", t.span, format!("unknown labware type `{}`", t.value))
-                    .hint = Some(hint);
+                self.error(
+                    "unknown-labware-type",
+                    t.span,
+                    format!("unknown labware type `{}`", t.value),
+                )
+                .hint = Some(hint);
                 None
             }
         }
@@ -912,8 +1073,24 @@ impl<'t> Parser<'t> {
     fn definition_file(&mut self, d: &Value<'_>) -> Option<Arc<crate::labware::LabwareDefinition>> {
         let t = self.text(d, "definition")?;
         let rel = Path::new(&t.value);
-        // A protocol may only read files beside it or below its folder.
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        let path = self.base_dir.join(rel);
+        // A protocol may only read files beside it or below its folder: no
+        // absolute paths, no `..`, and no symbolic link that leads elsewhere.
+        let base = if self.base_dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            self.base_dir.as_path()
+        };
+        let escapes_by_link = match (base.canonicalize(), path.canonicalize()) {
+            (Ok(base), Ok(target)) => !target.starts_with(base),
+            _ => false,
+        };
+        if rel.is_absolute()
+            || escapes_by_link
+            || rel
+                .components()
+                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
             self.error(
                 "definition-path",
                 t.span,
@@ -922,7 +1099,6 @@ impl<'t> Parser<'t> {
             .hint = Some("put the definition file beside the protocol (or in a folder below it) and give a relative path".into());
             return None;
         }
-        let path = self.base_dir.join(rel);
         match opentrons::load_definition_file(&path) {
             Ok(def) => Some(Arc::new(def)),
             Err(e) => {
@@ -930,8 +1106,13 @@ impl<'t> Parser<'t> {
                     (Some(l), Some(c)) => format!(" ({}:{l}:{c})", t.value),
                     _ => String::new(),
                 };
-                let message = format!("labware definition `{}` cannot be used: {}{at}", t.value, e.message);
-                let hint = e.hint.unwrap_or_else(|| "the file must be an Opentrons labware definition, schema version 2".into());
+                let message = format!(
+                    "labware definition `{}` cannot be used: {}{at}",
+                    t.value, e.message
+                );
+                let hint = e.hint.unwrap_or_else(|| {
+                    "the file must be an Opentrons labware definition, schema version 2".into()
+                });
                 self.error("bad-definition", t.span, message).hint = Some(hint);
                 None
             }
@@ -939,22 +1120,29 @@ impl<'t> Parser<'t> {
     }
 
     fn contents(&mut self, labware: &Labware, v: &Value<'_>) -> Vec<Content> {
-        let Some(t) = self.table(v, "`contents`") else { return Vec::new() };
+        let Some(t) = self.table(v, "`contents`") else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (key, value) in t.iter() {
             let selector = format!("{}:{}", labware.name, key.get_ref());
             let key_span = span_of(key);
-            let wells = match parse_selection(&selector).map_err(|e| e.message).and_then(|s| {
-                resolve(&s, &labware.definition).map_err(|e| e.message)
-            }) {
+            let wells = match parse_selection(&selector)
+                .map_err(|e| ("bad-wells", e.message))
+                .and_then(|s| {
+                    resolve(&s, &labware.definition).map_err(|e| ("well-outside", e.message))
+                }) {
                 Ok(w) => w,
-                Err(message) => {
-                    self.error("well-outside", key_span, message).hint =
-                        Some("keys are wells (`A1`), ranges (`\"A1:H1\"`) or lists (`\"A1,B1\"`)".into());
+                Err((code, message)) => {
+                    self.error(code, key_span, message).hint = Some(
+                        "keys are wells (`A1`), ranges (`\"A1:H1\"`) or lists (`\"A1,B1\"`)".into(),
+                    );
                     continue;
                 }
             };
-            let Some(text) = self.text(value, "contents") else { continue };
+            let Some(text) = self.text(value, "contents") else {
+                continue;
+            };
             let (volume_text, liquid) = split_volume_and_liquid(&text.value);
             let volume = match parse_quantity(volume_text, Dimension::Volume) {
                 Ok(q) => q,
@@ -979,7 +1167,13 @@ impl<'t> Parser<'t> {
         out
     }
 
-    fn step(&mut self, index: usize, v: &Value<'_>, default_policy: ErrorPolicy, default_retries: u32) -> Option<Step> {
+    fn step(
+        &mut self,
+        index: usize,
+        v: &Value<'_>,
+        default_policy: ErrorPolicy,
+        default_retries: u32,
+    ) -> Option<Step> {
         let span = span_of(v);
         let t = self.table(v, "a [[step]]")?;
         let id = match t.get("id") {
@@ -993,61 +1187,72 @@ impl<'t> Parser<'t> {
             None => Sp::new(format!("step-{}", index + 1), span),
         };
         let Some(do_value) = t.get("do") else {
-            self.error("missing-key", span, format!("step `{}` has no `do`", id.value))
-                .hint = Some("say what the step does, e.g. do = \"lh.transfer\" or do = \"wait\"".into());
+            self.error(
+                "missing-key",
+                span,
+                format!("step `{}` has no `do`", id.value),
+            )
+            .hint =
+                Some("say what the step does, e.g. do = \"lh.transfer\" or do = \"wait\"".into());
             return None;
         };
         let do_text = self.text(do_value, "do")?;
         let action_name = Sp::new(do_text.value.clone(), do_text.span);
 
         // Resolve the action spec.
-        let (role, kind, spec): (Option<Sp<String>>, Option<DeviceKind>, Option<&'static ActionSpec>) =
-            match do_text.value.split_once('.') {
-                Some((role, action)) => {
-                    let role_span = do_text.sub_span(0..role.len());
-                    let action_span = do_text.sub_span(role.len() + 1..do_text.value.len());
-                    let kind = self.role_ref(role, role_span);
-                    let spec = kind.and_then(|k| {
-                        let s = k.spec().action(action);
-                        if s.is_none() {
-                            let names: Vec<&str> = k.spec().actions.iter().map(|a| a.name).collect();
-                            let hint = did_you_mean(action, names.iter().copied())
-                                .unwrap_or_else(|| format!("{k} actions: {}", names.join(", ")));
-                            self.error(
-                                "unknown-action",
-                                action_span,
-                                format!("{} has no action `{action}`", k.with_article()),
-                            )
-                            .hint = Some(hint);
-                        }
-                        s
-                    });
-                    (Some(Sp::new(role.to_string(), role_span)), kind, spec)
-                }
-                None => {
-                    let spec = BUILTIN_ACTIONS.iter().find(|a| a.name == do_text.value);
-                    if spec.is_none() {
-                        let names: Vec<&str> = BUILTIN_ACTIONS.iter().map(|a| a.name).collect();
-                        let hint = did_you_mean(&do_text.value, names.iter().copied()).unwrap_or_else(|| {
+        let (role, kind, spec): (
+            Option<Sp<String>>,
+            Option<DeviceKind>,
+            Option<&'static ActionSpec>,
+        ) = match do_text.value.split_once('.') {
+            Some((role, action)) => {
+                let role_span = do_text.sub_span(0..role.len());
+                let action_span = do_text.sub_span(role.len() + 1..do_text.value.len());
+                let kind = self.role_ref(role, role_span);
+                let spec = kind.and_then(|k| {
+                    let s = k.spec().action(action);
+                    if s.is_none() {
+                        let names: Vec<&str> = k.spec().actions.iter().map(|a| a.name).collect();
+                        let hint = did_you_mean(action, names.iter().copied())
+                            .unwrap_or_else(|| format!("{k} actions: {}", names.join(", ")));
+                        self.error(
+                            "unknown-action",
+                            action_span,
+                            format!("{} has no action `{action}`", k.with_article()),
+                        )
+                        .hint = Some(hint);
+                    }
+                    s
+                });
+                (Some(Sp::new(role.to_string(), role_span)), kind, spec)
+            }
+            None => {
+                let spec = BUILTIN_ACTIONS.iter().find(|a| a.name == do_text.value);
+                if spec.is_none() {
+                    let names: Vec<&str> = BUILTIN_ACTIONS.iter().map(|a| a.name).collect();
+                    let hint =
+                        did_you_mean(&do_text.value, names.iter().copied()).unwrap_or_else(|| {
                             format!(
                                 "write `<role>.<action>` for a device, or a built-in: {}",
                                 names.join(", ")
                             )
                         });
-                        self.error(
-                            "unknown-action",
-                            do_text.span,
-                            format!("`{}` is not an action", do_text.value),
-                        )
-                        .hint = Some(hint);
-                    }
-                    (None, None, spec)
+                    self.error(
+                        "unknown-action",
+                        do_text.span,
+                        format!("`{}` is not an action", do_text.value),
+                    )
+                    .hint = Some(hint);
                 }
-            };
+                (None, None, spec)
+            }
+        };
 
         // Common keys.
         let after = t.get("after").and_then(|a| self.string_list(a, "after"));
-        let timeout = t.get("timeout").and_then(|x| self.quantity(x, Dimension::Time, "timeout"));
+        let timeout = t
+            .get("timeout")
+            .and_then(|x| self.quantity(x, Dimension::Time, "timeout"));
         if let Some(tq) = &timeout {
             self.positive(tq, "timeout");
         }
@@ -1064,11 +1269,18 @@ impl<'t> Parser<'t> {
             && on_error != ErrorPolicy::Retry
         {
             self.push(
-                Diagnostic::warning("retries-unused", span_of(r), "`retries` has no effect without on_error = \"retry\"")
-                    .with_hint("add on_error = \"retry\" to this step"),
+                Diagnostic::warning(
+                    "retries-unused",
+                    span_of(r),
+                    "`retries` has no effect without on_error = \"retry\"",
+                )
+                .with_hint("add on_error = \"retry\" to this step"),
             );
         }
-        let note = t.get("note").and_then(|x| self.text(x, "note")).map(|t| t.value);
+        let note = t
+            .get("note")
+            .and_then(|x| self.text(x, "note"))
+            .map(|t| t.value);
         let repeat = t.get("repeat").and_then(|x| self.repeat(x));
 
         let Some(spec) = spec else {
@@ -1091,7 +1303,8 @@ impl<'t> Parser<'t> {
         // Unknown keys: the common ones plus this action's arguments.
         for key in t.keys() {
             let k: &str = key.get_ref();
-            if COMMON_STEP_KEYS.iter().any(|a| a.name == k) || spec.args.iter().any(|a| a.name == k) {
+            if COMMON_STEP_KEYS.iter().any(|a| a.name == k) || spec.args.iter().any(|a| a.name == k)
+            {
                 continue;
             }
             let candidates = COMMON_STEP_KEYS.iter().chain(spec.args).map(|a| a.name);
@@ -1139,11 +1352,15 @@ impl<'t> Parser<'t> {
             self.error(
                 "missing-key",
                 do_text.span,
-                format!("`{}` needs at least one of: {}", do_text.value, names.join(", ")),
+                format!(
+                    "`{}` needs at least one of: {}",
+                    do_text.value,
+                    names.join(", ")
+                ),
             );
         }
         let action = if complete {
-            self.build_action(kind, spec, &args, &do_text, &timeout)
+            self.build_action(kind, spec, args, &do_text, &timeout)
                 .unwrap_or(Action::Invalid)
         } else {
             Action::Invalid
@@ -1166,8 +1383,11 @@ impl<'t> Parser<'t> {
 
     fn repeat(&mut self, v: &Value<'_>) -> Option<Repeat> {
         let t = self.table(v, "`repeat`")?;
-        self.check_keys(t, &["times", "every"], "`repeat`", span_of(v));
+        let clean = self.check_keys(t, &["times", "every"], "`repeat`");
         let Some(times) = t.get("times") else {
+            if !clean {
+                return None;
+            }
             self.error("missing-key", span_of(v), "`repeat` needs `times`")
                 .hint = Some("repeat = { times = 24, every = \"1 h\" }".into());
             return None;
@@ -1192,7 +1412,9 @@ impl<'t> Parser<'t> {
     fn arg(&mut self, spec: &ArgSpec, v: &Value<'_>, kind: Option<DeviceKind>) -> Option<ArgValue> {
         let name = spec.name;
         Some(match spec.ty {
-            ArgType::Quantity { dimension } => ArgValue::Quantity(self.quantity(v, dimension, name)?),
+            ArgType::Quantity { dimension } => {
+                ArgValue::Quantity(self.quantity(v, dimension, name)?)
+            }
             ArgType::Wells => ArgValue::Wells(self.wells(v, name)?),
             ArgType::Labware => {
                 let t = self.text(v, name)?;
@@ -1221,7 +1443,11 @@ impl<'t> Parser<'t> {
                     ok &= self.signal_of(kind, s).is_some();
                 }
                 if list.is_empty() {
-                    self.error("missing-key", span_of(v), format!("`{name}` lists no signals"));
+                    self.error(
+                        "missing-key",
+                        span_of(v),
+                        format!("`{name}` lists no signals"),
+                    );
                     return None;
                 }
                 if !ok {
@@ -1231,10 +1457,17 @@ impl<'t> Parser<'t> {
             }
             ArgType::Mix => {
                 let t = self.table(v, name)?;
-                self.check_keys(t, &["cycles", "volume"], &format!("`{name}`"), span_of(v));
+                let clean = self.check_keys(t, &["cycles", "volume"], &format!("`{name}`"));
                 let (Some(c), Some(vol)) = (t.get("cycles"), t.get("volume")) else {
-                    self.error("missing-key", span_of(v), format!("`{name}` needs `cycles` and `volume`"))
-                        .hint = Some(format!("{name} = {{ cycles = 3, volume = \"50 uL\" }}"));
+                    if !clean {
+                        return None;
+                    }
+                    self.error(
+                        "missing-key",
+                        span_of(v),
+                        format!("`{name}` needs `cycles` and `volume`"),
+                    )
+                    .hint = Some(format!("{name} = {{ cycles = 3, volume = \"50 uL\" }}"));
                     return None;
                 };
                 let cycles = self.integer(c, 1, 1000, "cycles");
@@ -1257,8 +1490,12 @@ impl<'t> Parser<'t> {
                 if !pumps.contains(&t.value.as_str()) {
                     let hint = did_you_mean(&t.value, pumps.iter().copied())
                         .unwrap_or_else(|| format!("pumps: {}", pumps.join(", ")));
-                    self.error("unknown-pump", t.span, t.note(format!("no pump `{}`", t.value)))
-                        .hint = Some(hint);
+                    self.error(
+                        "unknown-pump",
+                        t.span,
+                        t.note(format!("no pump `{}`", t.value)),
+                    )
+                    .hint = Some(hint);
                     return None;
                 }
                 ArgValue::Text(Sp::new(t.value, t.span))
@@ -1266,7 +1503,11 @@ impl<'t> Parser<'t> {
         })
     }
 
-    fn signal_of(&mut self, kind: DeviceKind, s: &Sp<String>) -> Option<&'static crate::catalogue::SignalSpec> {
+    fn signal_of(
+        &mut self,
+        kind: DeviceKind,
+        s: &Sp<String>,
+    ) -> Option<&'static crate::catalogue::SignalSpec> {
         let found = kind.spec().signal(&s.value);
         if found.is_none() {
             let names: Vec<&str> = kind.spec().signals.iter().map(|s| s.name).collect();
@@ -1277,8 +1518,12 @@ impl<'t> Parser<'t> {
                     format!("{kind} signals: {}", names.join(", "))
                 }
             });
-            self.error("unknown-signal", s.span, format!("{} has no signal `{}`", kind.with_article(), s.value))
-                .hint = Some(hint);
+            self.error(
+                "unknown-signal",
+                s.span,
+                format!("{} has no signal `{}`", kind.with_article(), s.value),
+            )
+            .hint = Some(hint);
         }
         found
     }
@@ -1291,6 +1536,18 @@ impl<'t> Parser<'t> {
                 let span = t.sub_span(e.range);
                 self.error("bad-condition", span, t.note(e.message)).hint =
                     Some("e.g. \"br.od600 >= 0.6 and br.ph < 7.2\"".into());
+                // The roles it names still count as used, so no "unused role"
+                // warning follows the one real mistake.
+                for word in t
+                    .value
+                    .split(|c: char| c.is_whitespace() || "()<>=!".contains(c))
+                {
+                    if let Some((role, _)) = word.split_once('.')
+                        && self.devices.contains_key(role)
+                    {
+                        self.role_uses.push(Sp::new(role.to_string(), t.span));
+                    }
+                }
                 return None;
             }
         };
@@ -1304,7 +1561,8 @@ impl<'t> Parser<'t> {
                     ok = false;
                     continue;
                 };
-                let Some(signal) = self.signal_of(kind, &Sp::new(c.signal.clone(), subject_span)) else {
+                let Some(signal) = self.signal_of(kind, &Sp::new(c.signal.clone(), subject_span))
+                else {
                     ok = false;
                     continue;
                 };
@@ -1323,7 +1581,12 @@ impl<'t> Parser<'t> {
                         self.error(
                             "bad-quantity",
                             value_span,
-                            t.note(format!("`{}.{}` is a {}: {e}", c.role, c.signal, signal.dimension.name())),
+                            t.note(format!(
+                                "`{}.{}` is a {}: {e}",
+                                c.role,
+                                c.signal,
+                                signal.dimension.name()
+                            )),
                         )
                         .hint = Some(hint);
                     }
@@ -1331,17 +1594,14 @@ impl<'t> Parser<'t> {
             }
             any.push(all);
         }
-        ok.then(|| Condition {
-            text: t.value,
-            any,
-        })
+        ok.then_some(Condition { text: t.value, any })
     }
 
     fn build_action(
         &mut self,
         kind: Option<DeviceKind>,
         spec: &'static ActionSpec,
-        args: &Args,
+        mut args: Args,
         do_text: &Text,
         timeout: &Option<Sp<Quantity>>,
     ) -> Option<Action> {
@@ -1353,8 +1613,15 @@ impl<'t> Parser<'t> {
             },
             (None, "wait_until") => {
                 if timeout.is_none() {
-                    self.error("missing-key", do_text.span, "`wait_until` needs a `timeout`")
-                        .hint = Some("a condition that never holds must not stall the run: timeout = \"12 h\"".into());
+                    self.error(
+                        "missing-key",
+                        do_text.span,
+                        "`wait_until` needs a `timeout`",
+                    )
+                    .hint = Some(
+                        "a condition that never holds must not stall the run: timeout = \"12 h\""
+                            .into(),
+                    );
                     return None;
                 }
                 let poll = args.quantity("poll");
@@ -1376,10 +1643,16 @@ impl<'t> Parser<'t> {
             },
             (Some(LiquidHandler), "transfer") => {
                 let volume = positive_volume(self, args.quantity("volume")?)?;
-                let tips = match args.choice("tips").map(|c| c.value) {
-                    Some("always") => TipPolicy::Always,
-                    Some("never") => TipPolicy::Never,
-                    _ => TipPolicy::Once,
+                let tips = match args.choice("tips") {
+                    Some(c) => Sp::new(
+                        match c.value {
+                            "always" => TipPolicy::Always,
+                            "never" => TipPolicy::Never,
+                            _ => TipPolicy::Once,
+                        },
+                        c.span,
+                    ),
+                    None => Sp::new(TipPolicy::Once, do_text.span),
                 };
                 Action::Transfer(Box::new(Transfer {
                     from: args.wells("from")?,
@@ -1402,7 +1675,7 @@ impl<'t> Parser<'t> {
             (Some(LiquidHandler), "mix") => Action::Mix {
                 at: args.wells("at")?,
                 volume: positive_volume(self, args.quantity("volume")?)?,
-                cycles: args.integer("cycles")? as u32,
+                cycles: args.integer("cycles")?.value as u32,
             },
             (Some(LiquidHandler), "pick_up_tip") => Action::PickUpTip {
                 tip_rack: args.text("tip_rack"),
@@ -1410,7 +1683,9 @@ impl<'t> Parser<'t> {
             (Some(LiquidHandler), "drop_tip") => Action::DropTip,
             (Some(Incubator), "load") => Action::Load {
                 labware: args.text("labware")?,
-                slot: args.get_integer("slot").map(|s| Sp::new(s.value as u32, s.span)),
+                slot: args
+                    .integer("slot")
+                    .map(|s| Sp::new(s.value as u32, s.span)),
             },
             (Some(Incubator), "unload") => Action::Unload {
                 labware: args.text("labware")?,
@@ -1460,7 +1735,10 @@ impl<'t> Parser<'t> {
                 let volume = args.quantity("volume");
                 let rate = args.quantity("rate");
                 let duration = args.quantity("duration");
-                let shape_ok = matches!((&volume, &rate, &duration), (Some(_), None, None) | (None, Some(_), Some(_)));
+                let shape_ok = matches!(
+                    (&volume, &rate, &duration),
+                    (Some(_), None, None) | (None, Some(_), Some(_))
+                );
                 if !shape_ok {
                     self.error(
                         "feed-shape",
@@ -1497,12 +1775,15 @@ impl<'t> Parser<'t> {
     fn monitor(&mut self, index: usize, v: &Value<'_>) -> Option<Monitor> {
         let span = span_of(v);
         let t = self.table(v, "a [[monitor]]")?;
-        self.check_keys(t, MONITOR_KEYS, "[[monitor]]", span);
+        let clean = self.check_keys(t, MONITOR_KEYS, "[[monitor]]");
         let id = t
             .get("id")
             .and_then(|i| self.text(i, "id"))
             .map_or_else(|| format!("monitor-{}", index + 1), |t| t.value);
         let Some(device) = t.get("device") else {
+            if !clean {
+                return None;
+            }
             self.error("missing-key", span, "a monitor needs a `device`")
                 .hint = Some("device = \"br\"  # a role from [devices]".into());
             return None;
@@ -1512,17 +1793,27 @@ impl<'t> Parser<'t> {
         let role = Sp::new(role_text.value.clone(), role_text.span);
         let read = match t.get("read") {
             Some(r) => self.string_list(r, "read").unwrap_or_default(),
+            None if !clean => Vec::new(),
             None => {
-                self.error("missing-key", span, "a monitor needs `read`, the signals it samples")
-                    .hint = Some("read = [\"ph\", \"dissolved_oxygen\"]".into());
+                self.error(
+                    "missing-key",
+                    span,
+                    "a monitor needs `read`, the signals it samples",
+                )
+                .hint = Some("read = [\"ph\", \"dissolved_oxygen\"]".into());
                 Vec::new()
             }
         };
         let every = match t.get("every") {
             Some(e) => self.quantity(e, Dimension::Time, "every"),
+            None if !clean => None,
             None => {
-                self.error("missing-key", span, "a monitor needs `every`, how often it samples")
-                    .hint = Some("every = \"10 s\"".into());
+                self.error(
+                    "missing-key",
+                    span,
+                    "a monitor needs `every`, how often it samples",
+                )
+                .hint = Some("every = \"10 s\"".into());
                 None
             }
         };
@@ -1547,16 +1838,23 @@ impl<'t> Parser<'t> {
         {
             for (key, value) in lt.iter() {
                 let signal = Sp::new(key.get_ref().to_string(), span_of(key));
-                let Some(spec) = self.signal_of(kind, &signal) else { continue };
+                let Some(spec) = self.signal_of(kind, &signal) else {
+                    continue;
+                };
                 if !read.iter().any(|r| r.value == signal.value) {
                     self.error(
                         "limit-not-read",
                         signal.span,
-                        format!("a limit on `{}`, which the monitor does not read", signal.value),
+                        format!(
+                            "a limit on `{}`, which the monitor does not read",
+                            signal.value
+                        ),
                     )
                     .hint = Some(format!("add \"{}\" to `read`", signal.value));
                 }
-                let Some(text) = self.text(value, &signal.value) else { continue };
+                let Some(text) = self.text(value, &signal.value) else {
+                    continue;
+                };
                 match parse_limits(&text.value, spec.dimension) {
                     Ok(range) => limits.push((signal, range)),
                     Err(e) => {
@@ -1608,15 +1906,9 @@ fn set_one(setpoint: &'static str, value: Sp<Quantity>) -> Action {
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
-        && s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
         && !s.starts_with(|c: char| c.is_ascii_digit())
-}
-
-fn param_plain(v: &ParamValue) -> String {
-    match v {
-        ParamValue::Text(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// A parameter override, checked against the type of the file's default.
@@ -1678,66 +1970,68 @@ enum ArgValue {
 }
 
 impl Args {
-    fn quantity(&self, k: &str) -> Option<Sp<Quantity>> {
-        match self.0.get(k) {
-            Some(ArgValue::Quantity(q)) => Some(q.clone()),
+    // Each argument is taken once when the action is built, so values move out
+    // instead of being cloned.
+    fn take(&mut self, k: &str) -> Option<ArgValue> {
+        self.0.swap_remove(k)
+    }
+    fn quantity(&mut self, k: &str) -> Option<Sp<Quantity>> {
+        match self.take(k) {
+            Some(ArgValue::Quantity(q)) => Some(q),
             _ => None,
         }
     }
-    fn wells(&self, k: &str) -> Option<WellSet> {
-        match self.0.get(k) {
-            Some(ArgValue::Wells(w)) => Some(w.clone()),
+    fn wells(&mut self, k: &str) -> Option<WellSet> {
+        match self.take(k) {
+            Some(ArgValue::Wells(w)) => Some(w),
             _ => None,
         }
     }
-    fn location(&self, k: &str) -> Option<Sp<Location>> {
-        match self.0.get(k) {
-            Some(ArgValue::Location(l)) => Some(l.clone()),
+    fn location(&mut self, k: &str) -> Option<Sp<Location>> {
+        match self.take(k) {
+            Some(ArgValue::Location(l)) => Some(l),
             _ => None,
         }
     }
-    fn get_integer(&self, k: &str) -> Option<Sp<i64>> {
-        match self.0.get(k) {
-            Some(ArgValue::Integer(i)) => Some(i.clone()),
+    fn integer(&mut self, k: &str) -> Option<Sp<i64>> {
+        match self.take(k) {
+            Some(ArgValue::Integer(i)) => Some(i),
             _ => None,
         }
     }
-    fn integer(&self, k: &str) -> Option<i64> {
-        self.get_integer(k).map(|i| i.value)
-    }
-    fn bool(&self, k: &str) -> Option<bool> {
-        match self.0.get(k) {
-            Some(ArgValue::Bool(b)) => Some(*b),
+    fn bool(&mut self, k: &str) -> Option<bool> {
+        match self.take(k) {
+            Some(ArgValue::Bool(b)) => Some(b),
             _ => None,
         }
     }
-    fn text(&self, k: &str) -> Option<Sp<String>> {
-        match self.0.get(k) {
-            Some(ArgValue::Text(t)) => Some(t.clone()),
+    fn text(&mut self, k: &str) -> Option<Sp<String>> {
+        match self.take(k) {
+            Some(ArgValue::Text(t)) => Some(t),
             _ => None,
         }
     }
-    fn choice(&self, k: &str) -> Option<Sp<&'static str>> {
-        match self.0.get(k) {
-            Some(ArgValue::Choice(c)) => Some(c.clone()),
+    fn choice(&mut self, k: &str) -> Option<Sp<&'static str>> {
+        match self.take(k) {
+            Some(ArgValue::Choice(c)) => Some(c),
             _ => None,
         }
     }
-    fn condition(&self, k: &str) -> Option<Condition> {
-        match self.0.get(k) {
-            Some(ArgValue::Condition(c)) => Some(c.clone()),
+    fn condition(&mut self, k: &str) -> Option<Condition> {
+        match self.take(k) {
+            Some(ArgValue::Condition(c)) => Some(c),
             _ => None,
         }
     }
-    fn signals(&self, k: &str) -> Option<Vec<Sp<String>>> {
-        match self.0.get(k) {
-            Some(ArgValue::Signals(s)) => Some(s.clone()),
+    fn signals(&mut self, k: &str) -> Option<Vec<Sp<String>>> {
+        match self.take(k) {
+            Some(ArgValue::Signals(s)) => Some(s),
             _ => None,
         }
     }
-    fn mix(&self, k: &str) -> Option<Sp<MixSpec>> {
-        match self.0.get(k) {
-            Some(ArgValue::Mix(m)) => Some(m.clone()),
+    fn mix(&mut self, k: &str) -> Option<Sp<MixSpec>> {
+        match self.take(k) {
+            Some(ArgValue::Mix(m)) => Some(m),
             _ => None,
         }
     }
@@ -1749,7 +2043,10 @@ mod tests {
 
     #[test]
     fn overrides_are_typed_like_the_default() {
-        assert_eq!(override_value(&ParamValue::Integer(3), "5"), Ok(ParamValue::Integer(5)));
+        assert_eq!(
+            override_value(&ParamValue::Integer(3), "5"),
+            Ok(ParamValue::Integer(5))
+        );
         assert!(override_value(&ParamValue::Integer(3), "five").is_err());
         assert_eq!(
             override_value(&ParamValue::Text("100 uL".into()), "\"150 uL\""),
@@ -1762,7 +2059,10 @@ mod tests {
     #[test]
     fn volume_and_liquid_split() {
         assert_eq!(split_volume_and_liquid("12 mL PBS"), ("12 mL", "PBS"));
-        assert_eq!(split_volume_and_liquid("12mL PBS buffer"), ("12mL", "PBS buffer"));
+        assert_eq!(
+            split_volume_and_liquid("12mL PBS buffer"),
+            ("12mL", "PBS buffer")
+        );
         assert_eq!(split_volume_and_liquid("200 uL"), ("200 uL", ""));
         assert_eq!(split_volume_and_liquid(""), ("", ""));
     }
@@ -1771,7 +2071,10 @@ mod tests {
     fn param_override_syntax() {
         assert_eq!(
             "volume=150 uL".parse::<ParamOverride>(),
-            Ok(ParamOverride { name: "volume".into(), value: "150 uL".into() })
+            Ok(ParamOverride {
+                name: "volume".into(),
+                value: "150 uL".into()
+            })
         );
         assert!("=3".parse::<ParamOverride>().is_err());
         assert!("volume".parse::<ParamOverride>().is_err());

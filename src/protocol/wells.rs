@@ -31,7 +31,9 @@ pub struct WellSyntaxError {
 pub fn parse_selection(text: &str) -> Result<WellSelection, WellSyntaxError> {
     let Some(colon) = text.find(':') else {
         return Err(WellSyntaxError {
-            message: format!("`{text}` does not name wells; write `<labware>:<well>`, e.g. `plate:A1`"),
+            message: format!(
+                "`{text}` does not name wells; write `<labware>:<well>`, e.g. `plate:A1`"
+            ),
             range: 0..text.len(),
         });
     };
@@ -146,8 +148,12 @@ pub fn resolve(
                 wells.push(name.clone());
             }
             WellItem::Rectangle(first, last) => {
-                let a = definition.grid_position(first).ok_or_else(|| outside(first))?;
-                let b = definition.grid_position(last).ok_or_else(|| outside(last))?;
+                let a = definition
+                    .grid_position(first)
+                    .ok_or_else(|| outside(first))?;
+                let b = definition
+                    .grid_position(last)
+                    .ok_or_else(|| outside(last))?;
                 let (r0, r1) = (a.0.min(b.0), a.0.max(b.0));
                 let (c0, c1) = (a.1.min(b.1), a.1.max(b.1));
                 for c in c0..=c1 {
