@@ -1,7 +1,29 @@
 //! biofoundry: a controller for biofoundry workcells.
 //!
 //! Data flows one way: protocol file -> [`protocol::parse`] -> [`validate`] ->
-//! [`plan`] -> runtime -> devices -> events -> sinks.
+//! [`plan`] -> runtime -> devices -> events -> sinks. [`check::check_source`]
+//! runs the first three and collects every diagnostic:
+//!
+//! ```
+//! use biofoundry::check::check_source;
+//! use biofoundry::source::SourceFile;
+//! use biofoundry::validate::SimulatedLab;
+//!
+//! let text = r#"
+//! format = "biofoundry.protocol/1"
+//! [protocol]
+//! name = "warm up"
+//! [devices]
+//! inc = "incubator"
+//! [[step]]
+//! do = "inc.set_temperature"
+//! temperature = "90 C"
+//! "#;
+//! let report = check_source(SourceFile::new("warm.toml", text), &[], &SimulatedLab);
+//! let d = &report.diagnostics[0];
+//! assert_eq!(d.code, "out-of-limits");
+//! assert_eq!(report.file.line_col(d.span.start), (9, 15));
+//! ```
 
 pub mod catalogue;
 pub mod check;
