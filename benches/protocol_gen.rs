@@ -1,4 +1,4 @@
-//! Generated protocols for the `check` benchmark (also used by
+//! Generated protocols for the benchmarks (also used by
 //! `examples/generate_protocol.rs`, which writes them to files).
 
 use std::fmt::Write;
@@ -72,6 +72,7 @@ contents = { A1 = "190 mL buffer" }
 }
 
 /// About `transfers` single-well transfers packed into 96-well range steps.
+#[allow(dead_code)] // used by the `check` benchmark and the generator example, not the runtime one
 pub fn packed_transfers(transfers: usize) -> String {
     let mut s = String::from(
         r#"format = "biofoundry.protocol/1"

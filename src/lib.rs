@@ -27,11 +27,16 @@
 
 pub mod catalogue;
 pub mod check;
+pub mod clock;
+pub mod device;
 pub mod diagnostics;
 pub mod labware;
 pub mod plan;
 pub mod protocol;
+pub mod runtime;
 pub mod schema;
+pub mod sim;
+pub mod sinks;
 pub mod source;
 pub mod units;
 pub mod validate;

@@ -14,6 +14,8 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod run;
+
 // Parsing allocates many small strings; mimalloc makes `check` of a 10k-step
 // protocol about a third faster than the system allocator (BENCHMARKS.md).
 #[global_allocator]
@@ -24,6 +26,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -55,6 +63,40 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
     },
+    /// Run a protocol. Without a lab file, on the built-in simulated lab in real time.
+    ///
+    /// Ctrl-C pauses at the next safe point, then asks whether to resume or
+    /// abort. Exit code 0 only when the run completed.
+    Run {
+        file: PathBuf,
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<ParamOverride>,
+        /// Bind a protocol role to a lab device (needed when several devices fit).
+        #[arg(long = "bind", value_name = "ROLE=DEVICE")]
+        binds: Vec<ParamOverride>,
+        /// Run the simulated lab's clock this many times faster (demos, training).
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Seed of the simulated lab's noise.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Log format on stderr (RUST_LOG selects what is logged).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Simulate a run on the simulated lab with a virtual clock: duration, device
+    /// use, critical path, final volumes, alarms and faults, in about a second.
+    Simulate {
+        file: PathBuf,
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<ParamOverride>,
+        #[arg(long = "bind", value_name = "ROLE=DEVICE")]
+        binds: Vec<ParamOverride>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "human")]
+        format: Format,
+    },
     /// Print the JSON Schema of the protocol format (for editor completion).
     Schema,
     /// List the built-in labware, or show one definition.
@@ -76,6 +118,28 @@ fn main() -> ExitCode {
             params,
             format,
         } => cmd_plan(&file, &params, format),
+        Command::Run {
+            file,
+            params,
+            binds,
+            speed,
+            seed,
+            log_format,
+        } => run::cmd_run(
+            &file,
+            &params,
+            &pairs(&binds),
+            speed,
+            seed,
+            log_format == LogFormat::Json,
+        ),
+        Command::Simulate {
+            file,
+            params,
+            binds,
+            seed,
+            format,
+        } => run::cmd_simulate(&file, &params, &pairs(&binds), seed, format == Format::Json),
         Command::Schema => {
             print_json(&biofoundry::schema::protocol_schema()).map(|_| ExitCode::SUCCESS)
         }
@@ -91,7 +155,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
+fn pairs(binds: &[ParamOverride]) -> Vec<(String, String)> {
+    binds
+        .iter()
+        .map(|b| (b.name.clone(), b.value.clone()))
+        .collect()
+}
+
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> Result<(), String> {
     let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{text}").map_err(|e| e.to_string())
@@ -101,7 +172,7 @@ fn color() -> bool {
     std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
-fn load(path: &Path) -> Result<SourceFile, String> {
+pub(crate) fn load(path: &Path) -> Result<SourceFile, String> {
     SourceFile::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
@@ -148,26 +219,40 @@ fn cmd_check(
     })
 }
 
-fn plural(n: usize) -> &'static str {
+pub(crate) fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn cmd_plan(file: &Path, params: &[ParamOverride], format: Format) -> Result<ExitCode, String> {
+/// Checks a protocol for commands that need a valid one; on errors, prints them
+/// to stderr and gives the exit code.
+pub(crate) fn checked(
+    file: &Path,
+    params: &[ParamOverride],
+    what: &str,
+) -> Result<Result<CheckReport, ExitCode>, String> {
     let report = check_source(load(file)?, params, &SimulatedLab);
-    if report.has_errors() {
+    if report.has_errors() || report.protocol.is_none() || report.plan.is_none() {
         let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         for d in &report.diagnostics {
             eprintln!("{}\n", render_human(&report.file, d, color));
         }
         let errors = report.error_count();
         eprintln!(
-            "{}: {errors} error{}; no plan",
+            "{}: {errors} error{}; {what}",
             report.file.display_path(),
             plural(errors)
         );
-        return Ok(ExitCode::from(1));
+        return Ok(Err(ExitCode::from(1)));
     }
-    let Some(plan) = report.plan else {
+    Ok(Ok(report))
+}
+
+fn cmd_plan(file: &Path, params: &[ParamOverride], format: Format) -> Result<ExitCode, String> {
+    let report = match checked(file, params, "no plan")? {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let Some(plan) = &report.plan else {
         return Ok(ExitCode::from(1));
     };
     if format == Format::Json {

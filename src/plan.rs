@@ -10,7 +10,7 @@
 use crate::diagnostics::Diagnostic;
 use crate::labware::LabwareDefinition;
 use crate::protocol::{
-    Action, Location, MixSpec, Protocol, Repeat, Step, TipPolicy, Transfer, WellSet,
+    Action, ErrorPolicy, Location, MixSpec, Protocol, Repeat, Step, TipPolicy, Transfer, WellSet,
 };
 use crate::source::Span;
 use crate::units::{Quantity, trim};
@@ -47,6 +47,12 @@ pub struct PlannedStep {
     pub after: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repeat: Option<Repeat>,
+    /// What happens when the step fails, and how many attempts `retry` makes.
+    pub on_error: ErrorPolicy,
+    pub retries: u32,
+    /// The longest the step may take, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
     pub operations: Vec<Operation>,
 }
 
@@ -92,7 +98,6 @@ pub enum Op {
     Set {
         setpoints: Vec<PlannedSetpoint>,
         wait: bool,
-        duration_s: Option<f64>,
     },
     Feed {
         pump: String,
@@ -115,6 +120,8 @@ pub enum Op {
     },
     WaitUntil {
         condition: String,
+        /// The condition, read: any group holds when all its terms hold.
+        any: Vec<Vec<ConditionTerm>>,
         timeout_s: Option<f64>,
         poll_s: f64,
     },
@@ -124,6 +131,21 @@ pub enum Op {
     Log {
         message: String,
     },
+}
+
+/// One comparison of a `wait_until` condition, in canonical units.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConditionTerm {
+    pub role: String,
+    pub signal: String,
+    pub op: crate::protocol::condition::Op,
+    pub value: f64,
+}
+
+impl ConditionTerm {
+    pub fn holds(&self, reading: f64) -> bool {
+        self.op.holds(reading, self.value)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -247,6 +269,9 @@ pub fn plan(p: &Protocol, lab: &dyn DeviceLimits) -> (Plan, Vec<Diagnostic>) {
             device: s.role.as_ref().map(|r| r.value.clone()),
             after,
             repeat: s.repeat,
+            on_error: s.on_error,
+            retries: s.retries,
+            timeout_s: s.timeout.as_ref().map(|t| t.value.value),
             operations,
         });
         if total > MAX_OPERATIONS {
@@ -501,17 +526,34 @@ impl<'p> Tracker<'p> {
                 setpoints,
                 wait,
                 duration,
-            } => push(Op::Set {
-                setpoints: setpoints
-                    .iter()
-                    .map(|sp| PlannedSetpoint {
-                        name: sp.setpoint.to_string(),
-                        value: sp.value.value,
-                    })
-                    .collect(),
-                wait: *wait,
-                duration_s: duration.as_ref().map(|d| d.value.value),
-            }),
+            } => {
+                push(Op::Set {
+                    setpoints: setpoints
+                        .iter()
+                        .map(|sp| PlannedSetpoint {
+                            name: sp.setpoint.to_string(),
+                            value: sp.value.value,
+                        })
+                        .collect(),
+                    wait: *wait,
+                });
+                // `shake { duration }` and a pump's `run { duration }`: the motor runs
+                // for that long (a wait, which a pause can interrupt), then stops.
+                if let Some(d) = duration {
+                    push(Op::Wait {
+                        duration_s: d.value.value,
+                    });
+                    let kind = self.p.devices.get(role).map(|d| d.kind);
+                    let stop = if kind == Some(crate::catalogue::DeviceKind::Pump) {
+                        "stop"
+                    } else {
+                        "stop_shaking"
+                    };
+                    push(Op::Command {
+                        name: stop.to_string(),
+                    });
+                }
+            }
             Action::Feed {
                 pump,
                 volume,
@@ -538,6 +580,21 @@ impl<'p> Tracker<'p> {
             }),
             Action::WaitUntil { condition, poll } => push(Op::WaitUntil {
                 condition: condition.text.clone(),
+                any: condition
+                    .any
+                    .iter()
+                    .map(|group| {
+                        group
+                            .iter()
+                            .map(|c| ConditionTerm {
+                                role: c.role.clone(),
+                                signal: c.signal.clone(),
+                                op: c.op,
+                                value: c.value.value,
+                            })
+                            .collect()
+                    })
+                    .collect(),
                 timeout_s: s.timeout.as_ref().map(|t| t.value.value),
                 poll_s: poll.as_ref().map_or(DEFAULT_POLL_S, |p| p.value.value),
             }),
@@ -1254,11 +1311,7 @@ pub fn describe(op: &Op) -> String {
         } => format!("mix {} x{cycles} in {labware}:{well}", v(*volume_ul)),
         Op::DropTip => "drop tip".into(),
         Op::MoveLabware { labware, from, to } => format!("move {labware} from {from} to {to}"),
-        Op::Set {
-            setpoints,
-            wait,
-            duration_s,
-        } => {
+        Op::Set { setpoints, wait } => {
             let list: Vec<String> = setpoints
                 .iter()
                 .map(|s| format!("{} = {}", s.name, s.value))
@@ -1266,9 +1319,6 @@ pub fn describe(op: &Op) -> String {
             let mut text = format!("set {}", list.join(", "));
             if *wait {
                 text.push_str(" and wait until reached");
-            }
-            if let Some(d) = duration_s {
-                text.push_str(&format!(" for {}", Quantity::seconds(*d)));
             }
             text
         }
@@ -1294,6 +1344,7 @@ pub fn describe(op: &Op) -> String {
             condition,
             timeout_s,
             poll_s,
+            ..
         } => {
             let mut text = format!(
                 "wait until {condition} (every {}",

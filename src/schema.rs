@@ -223,6 +223,8 @@ pub fn protocol_schema() -> Value {
                         "every": quantity_schema(Dimension::Time),
                         "limits": { "type": "object", "additionalProperties": { "type": "string", "pattern": "\\.\\." } },
                         "on_violation": { "type": "string", "enum": VIOLATION_POLICIES },
+                        "after": { "type": "string", "description": "Start sampling when this step completes (default: when the run starts)." },
+                        "until": { "type": "string", "description": "Stop sampling when this step starts (default: when the run ends)." },
                     },
                 },
             },

@@ -111,21 +111,27 @@ impl fmt::Display for Quantity {
 }
 
 fn fmt_duration(s: f64, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-    if s >= 3600.0 && (s % 60.0).abs() < 1e-9 {
-        let h = (s / 3600.0).floor();
-        let m = ((s - h * 3600.0) / 60.0).round();
-        if m == 0.0 {
-            write!(f, "{} h", trim(h))
-        } else {
-            write!(f, "{} h {} min", trim(h), trim(m))
-        }
-    } else if s >= 60.0 && (s % 60.0).abs() < 1e-9 {
-        write!(f, "{} min", trim(s / 60.0))
-    } else if s < 1.0 && s > 0.0 {
-        write!(f, "{} ms", trim(s * 1000.0))
-    } else {
-        write!(f, "{} s", trim(s))
+    if s > 0.0 && s < 1.0 {
+        return write!(f, "{} ms", trim(s * 1000.0));
     }
+    if s < 60.0 {
+        return write!(f, "{} s", trim(s));
+    }
+    // Whole hours, minutes and seconds: "1 h 30 min", "2 h 5 s", "3 min 20.5 s".
+    let hours = (s / 3600.0).floor();
+    let minutes = ((s - hours * 3600.0) / 60.0).floor();
+    let seconds = s - hours * 3600.0 - minutes * 60.0;
+    let mut parts = Vec::new();
+    if hours > 0.0 {
+        parts.push(format!("{} h", trim(hours)));
+    }
+    if minutes > 0.0 {
+        parts.push(format!("{} min", trim(minutes)));
+    }
+    if seconds > 1e-6 {
+        parts.push(format!("{} s", trim(seconds)));
+    }
+    f.write_str(&parts.join(" "))
 }
 
 /// Formats a number without float noise: 100.0 -> "100", 0.1+0.2 -> "0.3".
@@ -419,6 +425,8 @@ mod tests {
         assert_eq!(Quantity::volume_ul(1500.0).to_string(), "1.5 mL");
         assert_eq!(Quantity::seconds(5400.0).to_string(), "1 h 30 min");
         assert_eq!(Quantity::seconds(0.25).to_string(), "250 ms");
+        assert_eq!(Quantity::seconds(123781.0).to_string(), "34 h 23 min 1 s");
+        assert_eq!(Quantity::seconds(0.0).to_string(), "0 s");
         assert_eq!(
             Quantity::new(6000.0, Dimension::Flow).to_string(),
             "6 L/min"

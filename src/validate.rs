@@ -89,6 +89,25 @@ fn step_ids_and_dependencies(p: &Protocol, out: &mut Vec<Diagnostic>) {
             }
         }
     }
+    for m in &p.monitors {
+        for (key, step) in [("after", &m.after), ("until", &m.until)] {
+            if let Some(step) = step
+                && !by_id.contains_key(step.value.as_str())
+            {
+                out.push(
+                    Diagnostic::error(
+                        "unknown-step",
+                        step.span,
+                        format!(
+                            "monitor `{}`: `{key}` names an unknown step `{}`",
+                            m.id, step.value
+                        ),
+                    )
+                    .with_optional_hint(did_you_mean(&step.value, by_id.keys().copied())),
+                );
+            }
+        }
+    }
     // Iterative DFS for cycles (recursion could overflow on 100k-step files).
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {

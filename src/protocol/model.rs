@@ -306,5 +306,9 @@ pub struct Monitor {
     pub every: Sp<Quantity>,
     pub limits: Vec<(Sp<String>, Limits)>,
     pub on_violation: ViolationPolicy,
+    /// Start sampling when this step completes (default: when the run starts).
+    pub after: Option<Sp<String>>,
+    /// Stop sampling when this step starts (default: when the run ends).
+    pub until: Option<Sp<String>>,
     pub span: Span,
 }

@@ -193,7 +193,16 @@ const PROTOCOL_KEYS: &[&str] = &[
     "retries",
 ];
 const LABWARE_KEYS: &[&str] = &["type", "definition", "at", "contents", "note"];
-const MONITOR_KEYS: &[&str] = &["id", "device", "read", "every", "limits", "on_violation"];
+const MONITOR_KEYS: &[&str] = &[
+    "id",
+    "device",
+    "read",
+    "every",
+    "limits",
+    "on_violation",
+    "after",
+    "until",
+];
 const DEVICE_KEYS: &[&str] = &["kind", "at"];
 
 /// Default attempts for `on_error = "retry"` when `retries` is not given.
@@ -1820,6 +1829,14 @@ impl<'t> Parser<'t> {
         if let Some(e) = &every {
             self.positive(e, "every");
         }
+        let after = t
+            .get("after")
+            .and_then(|a| self.text(a, "after"))
+            .map(|a| Sp::new(a.value, a.span));
+        let until = t
+            .get("until")
+            .and_then(|a| self.text(a, "until"))
+            .map(|a| Sp::new(a.value, a.span));
         let on_violation = t
             .get("on_violation")
             .and_then(|x| self.choice(x, VIOLATION_POLICIES, "on_violation"))
@@ -1879,6 +1896,8 @@ impl<'t> Parser<'t> {
             every: every?,
             limits,
             on_violation,
+            after,
+            until,
             span,
         })
     }

@@ -1,0 +1,318 @@
+//! `biofoundry run` and `biofoundry simulate`.
+
+use crate::{checked, plural, print_json};
+use biofoundry::clock::Clock;
+use biofoundry::protocol::ParamOverride;
+use biofoundry::runtime::events::{ChannelSink, EventBus, EventKind};
+use biofoundry::runtime::executor::{RunHandle, RunOptions, RunReport, RunSetup, spawn};
+use biofoundry::runtime::machine::{RunCommand, RunState};
+use biofoundry::runtime::simulate::{Simulation, simulate};
+use biofoundry::sim::{SimOptions, SimTiming, simulated_lab};
+use biofoundry::sinks::console::ConsoleSink;
+use biofoundry::units::Quantity;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+fn init_logging(json: bool, interactive: bool) {
+    use tracing_subscriber::EnvFilter;
+    // On a terminal the progress display is the output; logs stay quiet unless asked for.
+    let default = if interactive { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+pub fn cmd_simulate(
+    file: &Path,
+    params: &[ParamOverride],
+    binds: &[(String, String)],
+    seed: u64,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let report = match checked(file, params, "not simulated")? {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let (Some(protocol), Some(plan)) = (&report.protocol, &report.plan) else {
+        return Ok(ExitCode::from(1));
+    };
+    let sim = simulate(protocol, plan, seed, binds).map_err(|e| e.to_string())?;
+    if json {
+        print_json(&sim)?;
+    } else {
+        print_simulation(&sim);
+    }
+    Ok(if sim.state == RunState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_simulation(sim: &Simulation) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "Simulation of \"{}\": {}", sim.protocol, sim.state);
+    let _ = writeln!(
+        out,
+        "  estimated duration  {}",
+        Quantity::seconds(sim.duration_s.round())
+    );
+    if sim.prompts > 0 {
+        let _ = writeln!(
+            out,
+            "  operator prompts    {} (answering time not included)",
+            sim.prompts
+        );
+    }
+    let _ = writeln!(out, "\nDevices (busy time, utilisation):");
+    for d in &sim.devices {
+        let _ = writeln!(
+            out,
+            "  {:<20} {:>12}  {:>5.1} %",
+            d.device,
+            Quantity::seconds(d.busy_s.round()).to_string(),
+            d.utilisation * 100.0
+        );
+    }
+    let _ = writeln!(out, "\nCritical path: {}", sim.critical_path.join(" -> "));
+    let _ = writeln!(out, "\nSteps (start, end):");
+    for s in &sim.steps {
+        let span = match (s.start_s, s.end_s) {
+            (Some(a), Some(b)) => format!(
+                "{:>10} {:>10}",
+                Quantity::seconds(a.round()).to_string(),
+                Quantity::seconds(b.round()).to_string()
+            ),
+            _ => format!("{:>21}", s.outcome),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<28} {span}  {}",
+            s.id,
+            s.device.as_deref().unwrap_or("")
+        );
+    }
+    if !sim.wells.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nFinal contents of the wells that changed: {} wells (see `biofoundry plan`)",
+            sim.wells.len()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nAlarms a real run would raise: {}",
+        if sim.alarms.is_empty() {
+            "none".to_string()
+        } else {
+            sim.alarms.len().to_string()
+        }
+    );
+    for a in &sim.alarms {
+        let _ = writeln!(out, "  {a}");
+    }
+    let _ = writeln!(
+        out,
+        "Faults it would hit: {}",
+        if sim.faults.is_empty() {
+            "none".to_string()
+        } else {
+            sim.faults.len().to_string()
+        }
+    );
+    for f in &sim.faults {
+        let _ = writeln!(out, "  {f}");
+    }
+}
+
+pub fn cmd_run(
+    file: &Path,
+    params: &[ParamOverride],
+    binds: &[(String, String)],
+    speed: f64,
+    seed: u64,
+    json_logs: bool,
+) -> Result<ExitCode, String> {
+    if !(speed.is_finite() && speed > 0.0) {
+        return Err(format!("--speed must be a positive number, not {speed}"));
+    }
+    let interactive = std::io::stdout().is_terminal();
+    init_logging(json_logs, interactive);
+    let report = match checked(file, params, "not run")? {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let (Some(protocol), Some(plan)) = (report.protocol, report.plan) else {
+        return Ok(ExitCode::from(1));
+    };
+    // The estimate for the progress display comes from the same runtime on a
+    // virtual clock (a separate, paused tokio runtime: it runs before ours starts).
+    let estimate = simulate(&protocol, &plan, seed, binds)
+        .ok()
+        .map(|s| s.duration_s);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let total_steps = plan.steps.len();
+    let outcome = runtime.block_on(async move {
+        let clock = Clock::new(speed);
+        let lab = simulated_lab(
+            clock,
+            SimOptions {
+                seed,
+                timing: SimTiming::Realistic,
+            },
+        );
+        let setup = RunSetup::new(&protocol, plan, &lab, binds, RunOptions::default())
+            .map_err(|e| e.to_string())?;
+        let console = ConsoleSink::new(interactive, total_steps, estimate, speed);
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let mut bus = EventBus::new();
+        bus.add_sink(Box::new(console));
+        bus.add_sink(Box::new(ChannelSink(events_tx)));
+        let (handle, task) = spawn(setup, clock, bus);
+        if let Some(e) = estimate {
+            println!(
+                "Running \"{}\" on the simulated lab; estimated duration {}",
+                protocol.name,
+                Quantity::seconds((e / speed).round())
+            );
+        }
+        handle
+            .command(RunCommand::Start, "operator")
+            .await
+            .map_err(|e| e.to_string())?;
+        operate(handle, events).await;
+        task.await.map_err(|e| e.to_string())
+    })?;
+    print_summary(&outcome);
+    Ok(if outcome.state == RunState::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The operator's side of a run on the terminal: Ctrl-C pauses, then the
+/// terminal asks what to do; prompts are answered with Enter (or text).
+async fn operate(
+    handle: RunHandle,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<biofoundry::runtime::events::Event>,
+) {
+    let mut lines = Some(stdin_lines());
+    let mut pending_prompt: Option<String> = None;
+    let mut state = handle.state();
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return };
+                match event.kind {
+                    EventKind::RunState { state: s, .. } => {
+                        state = s;
+                        match s {
+                            RunState::Paused => println!("Paused. Type `resume` or `abort` and Enter."),
+                            RunState::Held => println!("Held. Type `retry`, `skip`, `resume` or `abort` and Enter."),
+                            s if s.is_final() => return,
+                            _ => {}
+                        }
+                    }
+                    EventKind::Prompt { step_id, response: None, .. } => {
+                        println!("Press Enter to confirm (or type an answer).");
+                        pending_prompt = Some(step_id);
+                    }
+                    _ => {}
+                }
+            }
+            _ = tokio::signal::ctrl_c() => {
+                let command = if matches!(state, RunState::Pausing | RunState::Paused | RunState::Holding | RunState::Held) {
+                    RunCommand::Abort
+                } else {
+                    println!("Pausing at the next safe point (Ctrl-C again aborts)...");
+                    RunCommand::Pause
+                };
+                if let Err(e) = handle.command(command, "operator (Ctrl-C)").await {
+                    println!("{e}");
+                }
+            }
+            line = next_line(&mut lines) => {
+                let Some(line) = line else {
+                    // Standard input closed: the run goes on, answered only by events.
+                    lines = None;
+                    continue;
+                };
+                let text = line.trim();
+                if let Some(step) = pending_prompt.take() {
+                    let answer = if text.is_empty() { "confirmed" } else { text };
+                    if let Err(e) = handle.answer_prompt(&step, answer).await {
+                        println!("{e}");
+                    }
+                    continue;
+                }
+                match RunCommand::from_name(text) {
+                    Some(c) => if let Err(e) = handle.command(c, "operator").await { println!("{e}") },
+                    None if text.is_empty() => {}
+                    None => println!("Commands: pause, resume, hold, stop, abort, retry, skip"),
+                }
+            }
+        }
+    }
+}
+
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn next_line(
+    lines: &mut Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+) -> Option<String> {
+    match lines {
+        Some(l) => l.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn print_summary(r: &RunReport) {
+    println!(
+        "\nRun {}: {} in {}, {} of {} steps done{}, {} alarm{}",
+        r.state,
+        if r.state == RunState::Completed {
+            "finished"
+        } else {
+            "ended"
+        },
+        Quantity::seconds(r.duration_s.round()),
+        r.steps_done,
+        r.steps_total,
+        if r.steps_skipped > 0 {
+            format!(" ({} skipped)", r.steps_skipped)
+        } else {
+            String::new()
+        },
+        r.alarms.len(),
+        plural(r.alarms.len()),
+    );
+    for a in &r.alarms {
+        println!("  alarm: {a}");
+    }
+    for f in &r.faults {
+        println!("  fault: {f}");
+    }
+}
