@@ -14,14 +14,15 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
-fn init_logging(json: bool, interactive: bool) {
+fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    // On a terminal the progress display is the output; logs stay quiet unless asked for.
-    let default = if interactive { "warn" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // The console shows the run (progress or event lines); logs stay quiet
+    // unless RUST_LOG asks for them.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().try_init()
     } else {
@@ -144,7 +145,7 @@ pub fn cmd_run(
         return Err(format!("--speed must be a positive number, not {speed}"));
     }
     let interactive = std::io::stdout().is_terminal();
-    init_logging(json_logs, interactive);
+    init_logging(json_logs);
     let report = match checked(file, params, "not run")? {
         Ok(r) => r,
         Err(code) => return Ok(code),
@@ -210,6 +211,8 @@ async fn operate(
 ) {
     let mut lines = Some(stdin_lines());
     let mut pending_prompt: Option<String> = None;
+    // Answers typed (or piped) before their prompt was asked, in order.
+    let mut early_answers: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     let mut state = handle.state();
     loop {
         tokio::select! {
@@ -225,10 +228,18 @@ async fn operate(
                             _ => {}
                         }
                     }
-                    EventKind::Prompt { step_id, response: None, .. } => {
-                        println!("Press Enter to confirm (or type an answer).");
-                        pending_prompt = Some(step_id);
-                    }
+                    EventKind::Prompt { step_id, response: None, .. } => match early_answers.pop_front() {
+                        Some(answer) => {
+                            let answer = if answer.is_empty() { "confirmed".to_string() } else { answer };
+                            if let Err(e) = handle.answer_prompt(&step_id, &answer).await {
+                                println!("{e}");
+                            }
+                        }
+                        None => {
+                            println!("Press Enter to confirm (or type an answer).");
+                            pending_prompt = Some(step_id);
+                        }
+                    },
                     _ => {}
                 }
             }
@@ -259,8 +270,7 @@ async fn operate(
                 }
                 match RunCommand::from_name(text) {
                     Some(c) => if let Err(e) = handle.command(c, "operator").await { println!("{e}") },
-                    None if text.is_empty() => {}
-                    None => println!("Commands: pause, resume, hold, stop, abort, retry, skip"),
+                    None => early_answers.push_back(text.to_string()),
                 }
             }
         }

@@ -225,3 +225,87 @@ fn labware_and_kinds_are_listed() {
     );
     assert_eq!(biofoundry(&["kinds", "toaster"]).status.code(), Some(2));
 }
+
+fn biofoundry_with_input(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_biofoundry"))
+        .args(args)
+        .current_dir(root())
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn run_completes_a_short_protocol_and_answers_its_prompt() {
+    // Without a terminal: plain lines; the piped Enter answers the prompt.
+    let out = biofoundry_with_input(&["run", "--speed", "50", "protocols/dye_check.toml"], "\n");
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("step fill (lh.transfer) completed"), "{text}");
+    assert!(text.contains("step look answered: confirmed"), "{text}");
+    assert!(text.contains("Run completed: finished in"), "{text}");
+    assert!(text.contains("4 of 4 steps done, 0 alarms"), "{text}");
+}
+
+#[test]
+fn run_refuses_a_protocol_with_errors_and_bad_bindings() {
+    let out = biofoundry(&["run", "tests/bad/out-of-limits-incubator-temperature.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not run"));
+    let out = biofoundry(&["run", "--bind", "lh=incubator", "protocols/dye_check.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "--bind lh=incubator: `incubator` is an incubator, but `lh` needs a liquid_handler"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn simulate_reports_every_example() {
+    for f in protocols() {
+        let name = f.display().to_string();
+        let out = biofoundry(&["simulate", "--format", "json", &name]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sim: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(sim["state"], "completed", "{name}");
+        assert!(sim["duration_s"].as_f64().unwrap() > 0.0, "{name}");
+        assert!(
+            !sim["critical_path"].as_array().unwrap().is_empty(),
+            "{name}"
+        );
+        for d in sim["devices"].as_array().unwrap() {
+            let u = d["utilisation"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&u), "{name}: {d}");
+        }
+    }
+    let human = stdout(&biofoundry(&["simulate", "protocols/dye_check.toml"]));
+    assert!(human.contains("estimated duration  44 s"), "{human}");
+    assert!(
+        human.contains("Critical path: fill -> look -> step-4"),
+        "{human}"
+    );
+}

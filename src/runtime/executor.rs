@@ -86,7 +86,7 @@ pub struct RunSetup {
 /// Why a protocol cannot be bound to a lab.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BindError {
-    #[error("role `{role}` needs a {kind}, and the lab has none")]
+    #[error("role `{role}` needs {kind}, and the lab has none")]
     NoDevice { role: String, kind: String },
     #[error(
         "role `{role}` needs a {kind}, and the lab has several ({devices}); choose one with --bind {role}=<device>"
@@ -98,7 +98,7 @@ pub enum BindError {
     },
     #[error("--bind {role}={device}: the lab has no device `{device}`")]
     UnknownDevice { role: String, device: String },
-    #[error("--bind {role}={device}: `{device}` is a {found}, but `{role}` needs a {kind}")]
+    #[error("--bind {role}={device}: `{device}` is {found}, but `{role}` needs {kind}")]
     WrongKind {
         role: String,
         device: String,
@@ -146,8 +146,8 @@ impl RunSetup {
                         return Err(BindError::WrongKind {
                             role: role.clone(),
                             device: device.clone(),
-                            kind: kind.to_string(),
-                            found: h.kind().to_string(),
+                            kind: kind.with_article(),
+                            found: h.kind().with_article(),
                         });
                     }
                     h.clone()
@@ -159,13 +159,13 @@ impl RunSetup {
                         [] => {
                             return Err(BindError::NoDevice {
                                 role: role.clone(),
-                                kind: kind.to_string(),
+                                kind: kind.with_article(),
                             });
                         }
                         many => {
                             return Err(BindError::Ambiguous {
                                 role: role.clone(),
-                                kind: kind.to_string(),
+                                kind: kind.with_article(),
                                 devices: many
                                     .iter()
                                     .map(|d| d.device().id().to_string())

@@ -139,7 +139,8 @@ impl EventSink for ConsoleSink {
                     .as_deref()
                     .map(|r| format!(": {r}"))
                     .unwrap_or_default();
-                if self.bar.is_none()
+                // Busy and ready alternate with every operation; the steps say more.
+                if reason.is_some()
                     || !matches!(
                         state,
                         crate::device::DeviceState::Busy | crate::device::DeviceState::Ready
