@@ -496,3 +496,42 @@ async fn stop_lets_operations_finish() {
     assert_eq!(report.state, RunState::Stopped);
     assert!(report.steps_done < report.steps_total);
 }
+
+#[test]
+fn binding_errors_name_the_role_and_the_device() {
+    let w = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { world() })
+    };
+    let bind = |text: &str, binds: &[(&str, &str)]| {
+        let (protocol, plan) = checked(text);
+        let binds: Vec<(String, String)> = binds
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        RunSetup::new(&protocol, plan, &w.lab, &binds, RunOptions::default())
+            .err()
+            .map(|e| e.to_string())
+    };
+    let pump = "format = \"biofoundry.protocol/1\"\n[protocol]\nname = \"p\"\n[devices]\np = \"pump\"\n[[step]]\ndo = \"p.stop\"\n";
+    assert_eq!(
+        bind(pump, &[]).as_deref(),
+        Some("role `p` needs a pump, and the lab has none")
+    );
+    let two = "format = \"biofoundry.protocol/1\"\n[protocol]\nname = \"p\"\n[devices]\na = \"incubator\"\nb = \"incubator\"\n[[step]]\ndo = \"a.open_door\"\n[[step]]\ndo = \"b.open_door\"\n";
+    assert_eq!(
+        bind(two, &[]).as_deref(),
+        Some("roles `a` and `b` would both use device `incubator`; bind them to different devices")
+    );
+    assert_eq!(
+        bind(two, &[("x", "incubator")]).as_deref(),
+        Some("--bind x: the protocol has no role `x`")
+    );
+    assert_eq!(
+        bind(two, &[("a", "freezer")]).as_deref(),
+        Some("--bind a=freezer: the lab has no device `freezer`")
+    );
+}
