@@ -93,14 +93,16 @@ on_violation = "alarm"
 fn bench_runtime(c: &mut Criterion) {
     let mut group = c.benchmark_group("runtime");
     group.sample_size(10);
-    let steps = 100_000;
-    let (protocol, plan) = checked(&protocol_gen::mixed_steps(steps));
-    group.throughput(Throughput::Elements(steps as u64));
-    group.bench_with_input(
-        BenchmarkId::new("instant_steps", steps),
-        &(protocol, plan),
-        |b, (p, plan)| b.iter(|| run_instant(p, plan)),
-    );
+    for steps in [1_000, 10_000, 100_000] {
+        let (protocol, plan) = checked(&protocol_gen::mixed_steps(steps));
+        group.throughput(Throughput::Elements(steps as u64));
+        group.bench_with_input(
+            BenchmarkId::new("instant_steps", steps),
+            &(protocol, plan),
+            |b, (p, plan)| b.iter(|| run_instant(p, plan)),
+        );
+    }
+    group.throughput(Throughput::Elements(1));
     let (protocol, plan) = checked(FED_BATCH_48H);
     group.bench_function("simulate_fed_batch_48h", |b| {
         b.iter(|| {
