@@ -32,6 +32,7 @@ pub mod device;
 pub mod diagnostics;
 pub mod labware;
 pub mod plan;
+pub mod profile;
 pub mod protocol;
 pub mod runtime;
 pub mod schema;
