@@ -39,5 +39,6 @@ pub mod schema;
 pub mod sim;
 pub mod sinks;
 pub mod source;
+pub mod transport;
 pub mod units;
 pub mod validate;
