@@ -14,6 +14,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod devices;
 mod run;
 
 // Parsing allocates many small strings; mimalloc makes `check` of a 10k-step
@@ -52,6 +53,11 @@ enum Command {
         /// Override a parameter from [params], checked like a value in the file.
         #[arg(long = "param", value_name = "NAME=VALUE")]
         params: Vec<ParamOverride>,
+        /// Check against this lab's devices: their profiles' limits and abilities.
+        #[arg(long)]
+        lab: Option<PathBuf>,
+        #[arg(long = "bind", value_name = "ROLE=DEVICE")]
+        binds: Vec<ParamOverride>,
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
     },
@@ -69,6 +75,9 @@ enum Command {
     /// abort. Exit code 0 only when the run completed.
     Run {
         file: PathBuf,
+        /// The workcell's lab file; without it, the built-in simulated lab.
+        #[arg(long)]
+        lab: Option<PathBuf>,
         #[arg(long = "param", value_name = "NAME=VALUE")]
         params: Vec<ParamOverride>,
         /// Bind a protocol role to a lab device (needed when several devices fit).
@@ -97,6 +106,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "human")]
         format: Format,
     },
+    /// Instruments of a lab: list, probe, read signals, write setpoints; check profiles.
+    Devices {
+        #[command(subcommand)]
+        command: devices::DevicesCommand,
+    },
+    /// Serve simulators of a lab's instruments on pseudo-terminals and Modbus TCP
+    /// ports, at the paths and ports the lab file names, until Ctrl-C.
+    Sim(devices::SimArgs),
     /// Print the JSON Schema of the protocol format (for editor completion).
     Schema,
     /// List the built-in labware, or show one definition.
@@ -111,8 +128,10 @@ fn main() -> ExitCode {
         Command::Check {
             files,
             params,
+            lab,
+            binds,
             format,
-        } => cmd_check(&files, &params, format),
+        } => cmd_check(&files, &params, lab.as_deref(), &pairs(&binds), format),
         Command::Plan {
             file,
             params,
@@ -120,6 +139,7 @@ fn main() -> ExitCode {
         } => cmd_plan(&file, &params, format),
         Command::Run {
             file,
+            lab,
             params,
             binds,
             speed,
@@ -127,6 +147,7 @@ fn main() -> ExitCode {
             log_format,
         } => run::cmd_run(
             &file,
+            lab.as_deref(),
             &params,
             &pairs(&binds),
             speed,
@@ -140,6 +161,8 @@ fn main() -> ExitCode {
             seed,
             format,
         } => run::cmd_simulate(&file, &params, &pairs(&binds), seed, format == Format::Json),
+        Command::Devices { command } => devices::cmd_devices(command),
+        Command::Sim(args) => devices::cmd_sim(args),
         Command::Schema => {
             print_json(&biofoundry::schema::protocol_schema()).map(|_| ExitCode::SUCCESS)
         }
@@ -179,11 +202,24 @@ pub(crate) fn load(path: &Path) -> Result<SourceFile, String> {
 fn cmd_check(
     files: &[PathBuf],
     params: &[ParamOverride],
+    lab: Option<&Path>,
+    binds: &[(String, String)],
     format: Format,
 ) -> Result<ExitCode, String> {
+    let lab = match lab {
+        Some(path) => match devices::load_lab(path)? {
+            Ok(lab) => Some(lab),
+            Err(code) => return Ok(code),
+        },
+        None => None,
+    };
     let mut reports = Vec::new();
     for path in files {
-        reports.push(check_source(load(path)?, params, &SimulatedLab));
+        let source = load(path)?;
+        reports.push(match &lab {
+            None => check_source(source, params, &SimulatedLab),
+            Some(lab) => devices::check_with_lab(source, params, lab, binds)?,
+        });
     }
     let failed = reports.iter().any(CheckReport::has_errors);
     match format {
@@ -231,6 +267,11 @@ pub(crate) fn checked(
     what: &str,
 ) -> Result<Result<CheckReport, ExitCode>, String> {
     let report = check_source(load(file)?, params, &SimulatedLab);
+    Ok(report_errors(&report, what).map(|()| report))
+}
+
+/// Prints a report's diagnostics to stderr if it has errors, giving the exit code.
+pub(crate) fn report_errors(report: &CheckReport, what: &str) -> Result<(), ExitCode> {
     if report.has_errors() || report.protocol.is_none() || report.plan.is_none() {
         let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
         for d in &report.diagnostics {
@@ -242,9 +283,9 @@ pub(crate) fn checked(
             report.file.display_path(),
             plural(errors)
         );
-        return Ok(Err(ExitCode::from(1)));
+        return Err(ExitCode::from(1));
     }
-    Ok(Ok(report))
+    Ok(())
 }
 
 fn cmd_plan(file: &Path, params: &[ParamOverride], format: Format) -> Result<ExitCode, String> {

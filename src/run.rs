@@ -135,6 +135,7 @@ fn print_simulation(sim: &Simulation) {
 
 pub fn cmd_run(
     file: &Path,
+    lab_file: Option<&Path>,
     params: &[ParamOverride],
     binds: &[(String, String)],
     speed: f64,
@@ -146,16 +147,33 @@ pub fn cmd_run(
     }
     let interactive = std::io::stdout().is_terminal();
     init_logging(json_logs);
-    let report = match checked(file, params, "not run")? {
-        Ok(r) => r,
-        Err(code) => return Ok(code),
+    let lab_file = match lab_file {
+        Some(path) => match crate::devices::load_lab(path)? {
+            Ok(lab) => Some(lab),
+            Err(code) => return Ok(code),
+        },
+        None => None,
+    };
+    let report = match &lab_file {
+        None => match checked(file, params, "not run")? {
+            Ok(r) => r,
+            Err(code) => return Ok(code),
+        },
+        Some(lab) => {
+            let report = crate::devices::check_with_lab(crate::load(file)?, params, lab, binds)?;
+            if let Err(code) = crate::report_errors(&report, "not run") {
+                return Ok(code);
+            }
+            report
+        }
     };
     let (Some(protocol), Some(plan)) = (report.protocol, report.plan) else {
         return Ok(ExitCode::from(1));
     };
     // The estimate for the progress display comes from the same runtime on a
     // virtual clock (a separate, paused tokio runtime: it runs before ours starts).
-    let estimate = simulate(&protocol, &plan, seed, binds)
+    let sim_binds: &[(String, String)] = if lab_file.is_some() { &[] } else { binds };
+    let estimate = simulate(&protocol, &plan, seed, sim_binds)
         .ok()
         .map(|s| s.duration_s);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -165,14 +183,25 @@ pub fn cmd_run(
         .map_err(|e| e.to_string())?;
     let total_steps = plan.steps.len();
     let outcome = runtime.block_on(async move {
+        let options = SimOptions {
+            seed,
+            timing: SimTiming::Realistic,
+        };
+        // Real instruments keep their own time: `--speed` applies to simulators only.
+        let all_simulated = lab_file.as_ref().is_none_or(|l| l.all_simulated());
+        let speed = if all_simulated { speed } else { 1.0 };
         let clock = Clock::new(speed);
-        let lab = simulated_lab(
-            clock,
-            SimOptions {
-                seed,
-                timing: SimTiming::Realistic,
-            },
-        );
+        let (lab, lab_name) = match &lab_file {
+            None => (
+                simulated_lab(clock, options),
+                "the simulated lab".to_string(),
+            ),
+            Some(l) => {
+                let backing = biofoundry::lab::SimBacking { clock, options };
+                let runtime = biofoundry::lab::connect_lab(l, &backing)?;
+                (runtime.lab, format!("lab {}", l.file.display_path()))
+            }
+        };
         let setup = RunSetup::new(&protocol, plan, &lab, binds, RunOptions::default())
             .map_err(|e| e.to_string())?;
         let console = ConsoleSink::new(interactive, total_steps, estimate, speed);
@@ -183,7 +212,7 @@ pub fn cmd_run(
         let (handle, task) = spawn(setup, clock, bus);
         if let Some(e) = estimate {
             println!(
-                "Running \"{}\" on the simulated lab; estimated duration {}",
+                "Running \"{}\" on {lab_name}; estimated duration {}",
                 protocol.name,
                 Quantity::seconds((e / speed).round())
             );

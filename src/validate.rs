@@ -19,6 +19,20 @@ pub trait DeviceLimits {
     fn slots(&self, role: &str, kind: DeviceKind) -> u32;
     /// Names the source in messages, e.g. "the built-in simulated lab".
     fn description(&self) -> String;
+    /// Why the device bound to `role` cannot do `what`, if it cannot (a lab's
+    /// instrument may lack what its kind allows: an incubator without a shaker).
+    fn lacks(&self, _role: &str, _kind: DeviceKind, _what: Capability<'_>) -> Option<String> {
+        None
+    }
+}
+
+/// Something a step or monitor asks of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capability<'a> {
+    Setpoint(&'a str),
+    Signal(&'a str),
+    Command(&'a str),
+    Pump(&'a str),
 }
 
 /// The built-in simulated lab: one device of each kind, with the catalogue's limits.
@@ -43,7 +57,63 @@ pub fn validate(p: &Protocol, lab: &dyn DeviceLimits) -> Vec<Diagnostic> {
     unused_declarations(p, &mut out);
     places(p, lab, &mut out);
     setpoint_limits(p, lab, &mut out);
+    capabilities(p, lab, &mut out);
     out
+}
+
+/// Every setpoint, signal, command and pump a protocol uses exists on the
+/// device its role is bound to.
+fn capabilities(p: &Protocol, lab: &dyn DeviceLimits, out: &mut Vec<Diagnostic>) {
+    let mut need = |role: &str, what: Capability<'_>, span: Span| {
+        let Some(device) = p.devices.get(role) else {
+            return;
+        };
+        if let Some(reason) = lab.lacks(role, device.kind, what) {
+            out.push(
+                Diagnostic::error("not-on-device", span, reason)
+                    .with_hint(format!("in {}", lab.description())),
+            );
+        }
+    };
+    for s in &p.steps {
+        for group in match &s.action {
+            Action::WaitUntil { condition, .. } => condition.any.as_slice(),
+            _ => &[],
+        } {
+            for c in group {
+                need(&c.role, Capability::Signal(&c.signal), c.span);
+            }
+        }
+        let Some(role) = &s.role else { continue };
+        match &s.action {
+            Action::Set { setpoints, .. } => {
+                for sp in setpoints {
+                    need(
+                        &role.value,
+                        Capability::Setpoint(sp.setpoint),
+                        sp.value.span,
+                    );
+                }
+            }
+            Action::Sample { read } => {
+                for r in read {
+                    need(&role.value, Capability::Signal(&r.value), r.span);
+                }
+            }
+            Action::Command { name } => {
+                need(&role.value, Capability::Command(name), s.action_name.span)
+            }
+            Action::Feed { pump, .. } => {
+                need(&role.value, Capability::Pump(&pump.value), pump.span)
+            }
+            _ => {}
+        }
+    }
+    for m in &p.monitors {
+        for r in &m.read {
+            need(&m.role.value, Capability::Signal(&r.value), r.span);
+        }
+    }
 }
 
 fn step_ids_and_dependencies(p: &Protocol, out: &mut Vec<Diagnostic>) {

@@ -15,6 +15,7 @@
 use super::device_machine::{DeviceInput, DeviceStateMachine};
 use super::events::{AlarmState, EventBus, EventKind, StepPhase};
 use super::machine::{Effect, Rejected, RunCommand, RunInput, RunState, RunStateMachine};
+use crate::catalogue::DeviceKind;
 use crate::clock::Clock;
 use crate::device::{DeckLabware, DeviceError, DeviceHandle, DeviceState};
 use crate::plan::{ConditionTerm, Op, Operation, Plan};
@@ -117,6 +118,81 @@ pub enum BindError {
     },
 }
 
+/// Binds roles to device ids: `binds` first (`role=device`), then each
+/// remaining role to the only device of its kind. Shared by `run` and
+/// `check --lab`, so both bind the same way.
+pub fn bind_roles(
+    roles: &[(String, DeviceKind)],
+    devices: &[(String, DeviceKind)],
+    binds: &[(String, String)],
+) -> Result<IndexMap<String, String>, BindError> {
+    for (role, _) in binds {
+        if !roles.iter().any(|(r, _)| r == role) {
+            return Err(BindError::UnknownRole { role: role.clone() });
+        }
+    }
+    let mut bindings = IndexMap::new();
+    let mut used: HashMap<String, String> = HashMap::new();
+    for (role, kind) in roles {
+        let kind = *kind;
+        let id = match binds.iter().find(|(r, _)| r == role) {
+            Some((_, device)) => {
+                let (_, found) = devices.iter().find(|(id, _)| id == device).ok_or_else(|| {
+                    BindError::UnknownDevice {
+                        role: role.clone(),
+                        device: device.clone(),
+                    }
+                })?;
+                if *found != kind {
+                    return Err(BindError::WrongKind {
+                        role: role.clone(),
+                        device: device.clone(),
+                        kind: kind.with_article(),
+                        found: found.with_article(),
+                    });
+                }
+                device.clone()
+            }
+            None => {
+                let fits: Vec<&String> = devices
+                    .iter()
+                    .filter(|(_, k)| *k == kind)
+                    .map(|(id, _)| id)
+                    .collect();
+                match fits.as_slice() {
+                    [one] => (*one).clone(),
+                    [] => {
+                        return Err(BindError::NoDevice {
+                            role: role.clone(),
+                            kind: kind.with_article(),
+                        });
+                    }
+                    many => {
+                        return Err(BindError::Ambiguous {
+                            role: role.clone(),
+                            kind: kind.with_article(),
+                            devices: many
+                                .iter()
+                                .map(|d| d.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        });
+                    }
+                }
+            }
+        };
+        if let Some(first) = used.insert(id.clone(), role.clone()) {
+            return Err(BindError::Shared {
+                first,
+                second: role.clone(),
+                device: id,
+            });
+        }
+        bindings.insert(role.clone(), id);
+    }
+    Ok(bindings)
+}
+
 impl RunSetup {
     /// Binds a checked protocol's roles to a lab's devices (automatically when
     /// exactly one device fits, else by `binds`).
@@ -127,64 +203,21 @@ impl RunSetup {
         binds: &[(String, String)],
         options: RunOptions,
     ) -> Result<RunSetup, BindError> {
-        for (role, _) in binds {
-            if !protocol.devices.contains_key(role) {
-                return Err(BindError::UnknownRole { role: role.clone() });
-            }
-        }
+        let devices: Vec<(String, DeviceKind)> = lab
+            .devices
+            .iter()
+            .map(|(id, h)| (id.clone(), h.kind()))
+            .collect();
+        let roles: Vec<(String, DeviceKind)> = protocol
+            .devices
+            .iter()
+            .map(|(role, d)| (role.clone(), d.kind))
+            .collect();
         let mut bindings = IndexMap::new();
-        let mut used: HashMap<String, String> = HashMap::new();
-        for (role, declared) in &protocol.devices {
-            let kind = declared.kind;
-            let handle = match binds.iter().find(|(r, _)| r == role) {
-                Some((_, device)) => {
-                    let h = lab.get(device).ok_or_else(|| BindError::UnknownDevice {
-                        role: role.clone(),
-                        device: device.clone(),
-                    })?;
-                    if h.kind() != kind {
-                        return Err(BindError::WrongKind {
-                            role: role.clone(),
-                            device: device.clone(),
-                            kind: kind.with_article(),
-                            found: h.kind().with_article(),
-                        });
-                    }
-                    h.clone()
-                }
-                None => {
-                    let fits: Vec<&DeviceHandle> = lab.of_kind(kind).collect();
-                    match fits.as_slice() {
-                        [one] => (*one).clone(),
-                        [] => {
-                            return Err(BindError::NoDevice {
-                                role: role.clone(),
-                                kind: kind.with_article(),
-                            });
-                        }
-                        many => {
-                            return Err(BindError::Ambiguous {
-                                role: role.clone(),
-                                kind: kind.with_article(),
-                                devices: many
-                                    .iter()
-                                    .map(|d| d.device().id().to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", "),
-                            });
-                        }
-                    }
-                }
-            };
-            let id = handle.device().id().to_string();
-            if let Some(first) = used.insert(id.clone(), role.clone()) {
-                return Err(BindError::Shared {
-                    first,
-                    second: role.clone(),
-                    device: id,
-                });
+        for (role, id) in bind_roles(&roles, &devices, binds)? {
+            if let Some(h) = lab.get(&id) {
+                bindings.insert(role, h.clone());
             }
-            bindings.insert(role.clone(), handle);
         }
         let mut modules_on_deck = HashMap::new();
         for (role, d) in &protocol.devices {

@@ -33,6 +33,7 @@ fn flow_rate_ul_s(tip_capacity_ul: f64) -> f64 {
     }
 }
 
+#[derive(Clone)]
 struct Placed {
     definition: Arc<LabwareDefinition>,
     slot: u32,
@@ -72,6 +73,7 @@ impl Placed {
     }
 }
 
+#[derive(Clone)]
 struct Tip {
     rack: String,
     well: String,
@@ -79,6 +81,10 @@ struct Tip {
     volume_ul: f64,
 }
 
+/// The deck bookkeeping of a liquid handler (labware, well volumes, tips),
+/// shared by the simulated handler and the profile driver, which checks every
+/// operation against it before anything moves.
+#[derive(Clone, Default)]
 pub(crate) struct LiquidHandlerModel {
     deck: IndexMap<String, Placed>,
     /// Labware taken off the deck keeps its contents until it comes back.
@@ -95,6 +101,16 @@ fn check_volume(volume_ul: f64) -> Result<(), String> {
 }
 
 impl LiquidHandlerModel {
+    /// Slot and definition of labware on the deck.
+    pub(crate) fn placed(&self, name: &str) -> Option<(u32, &LabwareDefinition)> {
+        self.deck.get(name).map(|p| (p.slot, p.definition.as_ref()))
+    }
+
+    /// µL in the tip that is on, if one is.
+    pub(crate) fn tip_volume_ul(&self) -> Option<f64> {
+        self.tip.as_ref().map(|t| t.volume_ul)
+    }
+
     fn labware(&self, name: &str) -> Result<&Placed, String> {
         self.deck
             .get(name)
@@ -128,7 +144,7 @@ impl LiquidHandlerModel {
         }
     }
 
-    fn configure(&mut self, deck: &[DeckLabware]) -> Result<Step, String> {
+    pub(crate) fn configure(&mut self, deck: &[DeckLabware]) -> Result<Step, String> {
         let mut placed = IndexMap::new();
         for labware in deck {
             if placed.contains_key(&labware.name) {
@@ -143,7 +159,7 @@ impl LiquidHandlerModel {
         Ok(Step::new(0.0, format!("configure_deck {}", deck.len())))
     }
 
-    fn pick_up_tip(&mut self, rack: &str, well: &str) -> Result<Step, String> {
+    pub(crate) fn pick_up_tip(&mut self, rack: &str, well: &str) -> Result<Step, String> {
         if let Some(tip) = &self.tip {
             return Err(format!("a tip ({}:{}) is already on", tip.rack, tip.well));
         }
@@ -174,7 +190,12 @@ impl LiquidHandlerModel {
         ))
     }
 
-    fn aspirate(&mut self, labware: &str, well: &str, volume_ul: f64) -> Result<Step, String> {
+    pub(crate) fn aspirate(
+        &mut self,
+        labware: &str,
+        well: &str,
+        volume_ul: f64,
+    ) -> Result<Step, String> {
         check_volume(volume_ul)?;
         self.liquid_well(labware, well)?;
         let Some(tip) = &self.tip else {
@@ -207,7 +228,12 @@ impl LiquidHandlerModel {
         ))
     }
 
-    fn dispense(&mut self, labware: &str, well: &str, volume_ul: f64) -> Result<Step, String> {
+    pub(crate) fn dispense(
+        &mut self,
+        labware: &str,
+        well: &str,
+        volume_ul: f64,
+    ) -> Result<Step, String> {
         check_volume(volume_ul)?;
         let capacity = self.liquid_well(labware, well)?;
         let Some(tip) = &self.tip else {
@@ -240,7 +266,7 @@ impl LiquidHandlerModel {
         ))
     }
 
-    fn mix(
+    pub(crate) fn mix(
         &mut self,
         labware: &str,
         well: &str,
@@ -278,13 +304,13 @@ impl LiquidHandlerModel {
         ))
     }
 
-    fn drop_tip(&mut self) -> Result<Step, String> {
+    pub(crate) fn drop_tip(&mut self) -> Result<Step, String> {
         // Whatever is left in the tip goes to the trash with it.
         self.tip.take().ok_or("no tip to drop")?;
         Ok(Step::new(DROP_TIP_S, "drop_tip"))
     }
 
-    fn remove(&mut self, labware: &str) -> Result<Step, String> {
+    pub(crate) fn remove(&mut self, labware: &str) -> Result<Step, String> {
         let placed = self
             .deck
             .shift_remove(labware)
@@ -293,7 +319,7 @@ impl LiquidHandlerModel {
         Ok(Step::new(0.0, format!("remove_labware {labware}")))
     }
 
-    fn place(&mut self, labware: &DeckLabware) -> Result<Step, String> {
+    pub(crate) fn place(&mut self, labware: &DeckLabware) -> Result<Step, String> {
         if self.deck.contains_key(&labware.name) {
             return Err(format!("{} is already on the deck", labware.name));
         }

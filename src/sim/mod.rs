@@ -15,7 +15,7 @@
 mod bioreactor;
 mod core;
 mod incubator;
-mod liquid_handler;
+pub(crate) mod liquid_handler;
 mod modules;
 mod pump;
 mod sensor;

@@ -1,0 +1,681 @@
+//! The lab file: one per workcell (`format = "biofoundry.lab/1"`). It names the
+//! controller, its data directory and MQTT broker, and every device instance:
+//! id, profile, transport, per-instance settings, and for a bioreactor the parts
+//! it is made of. Errors are reported like protocol errors (file:line:col and a
+//! hint). docs/lab-file.md describes every key.
+
+mod build;
+mod sim;
+
+pub use build::{LabRuntime, SimBacking, connect_lab};
+pub use sim::{SimulatedWorkcell, parse_fault, serve_lab};
+
+use crate::catalogue::DeviceKind;
+use crate::diagnostics::{Diagnostic, did_you_mean};
+use crate::profile::{self, Profile};
+use crate::source::{SourceFile, Span};
+use crate::transport::{SerialSettings, Transport};
+use crate::units::Limits;
+use crate::validate::Capability;
+use indexmap::IndexMap;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use toml::Spanned;
+
+pub const FORMAT: &str = "biofoundry.lab/1";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabDoc {
+    pub format: Spanned<String>,
+    pub controller: Controller,
+    pub mqtt: Option<Spanned<MqttSettings>>,
+    #[serde(default)]
+    pub telemetry: Telemetry,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<Spanned<DeviceEntry>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Controller {
+    pub site: String,
+    pub cell: String,
+    pub id: String,
+    /// Journal, outbox and reports; relative paths start at the lab file's folder.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: String,
+    /// Folders searched for profiles, relative to the lab file; the shipped
+    /// `devices/` folder is searched last.
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// Protocols MES may start by name (relative to the lab file).
+    pub protocols: Option<String>,
+}
+
+fn default_data_dir() -> String {
+    "biofoundry-data".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSettings {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// A file holding the password (never the password itself).
+    pub password_file: Option<String>,
+    #[serde(default)]
+    pub tls: bool,
+    pub ca_file: Option<String>,
+    /// Start a broker inside the controller on loopback (single workcell).
+    #[serde(default)]
+    pub embedded: bool,
+    /// Shared key file for HMAC-SHA256 command signatures.
+    pub command_key_file: Option<String>,
+    #[serde(default)]
+    pub keep_alive: Option<crate::profile::Duration>,
+    /// The outbox keeps at most this many unsent messages.
+    pub outbox_limit: Option<u64>,
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Telemetry {
+    /// How often signals are read and published when their profile gives no `poll`.
+    #[serde(default = "ten_seconds")]
+    pub every: crate::profile::Duration,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            every: ten_seconds(),
+        }
+    }
+}
+
+fn ten_seconds() -> crate::profile::Duration {
+    crate::profile::Duration(10.0)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceEntry {
+    pub id: Spanned<String>,
+    /// Required for a bioreactor made of parts; otherwise it must match the profile's.
+    pub kind: Option<Spanned<String>>,
+    pub profile: Option<Spanned<String>>,
+    pub transport: Option<Spanned<String>>,
+    #[serde(default)]
+    pub settings: IndexMap<String, f64>,
+    #[serde(default)]
+    pub parts: IndexMap<String, Spanned<PartEntry>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartEntry {
+    pub profile: Spanned<String>,
+    pub transport: Spanned<String>,
+    #[serde(default)]
+    pub settings: IndexMap<String, f64>,
+}
+
+/// One instrument of the lab, resolved: its profile and transport.
+#[derive(Debug, Clone)]
+pub struct Instrument {
+    pub profile: Arc<Profile>,
+    pub transport: Transport,
+    pub settings: IndexMap<String, f64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum LabDevice {
+    Instrument(Instrument),
+    Bioreactor { parts: IndexMap<String, Instrument> },
+}
+
+/// A checked lab file.
+#[derive(Debug, Clone)]
+pub struct LabFile {
+    pub file: Arc<SourceFile>,
+    pub doc: LabDoc,
+    pub devices: IndexMap<String, LabDevice>,
+    /// The lab file's folder: relative paths start here.
+    pub base: PathBuf,
+}
+
+impl LabFile {
+    pub fn kind(&self, id: &str) -> Option<DeviceKind> {
+        match self.devices.get(id)? {
+            LabDevice::Instrument(i) => Some(i.profile.kind),
+            LabDevice::Bioreactor { .. } => Some(DeviceKind::Bioreactor),
+        }
+    }
+
+    /// Every instrument is a `sim://` simulator (so `--speed` may apply).
+    pub fn all_simulated(&self) -> bool {
+        self.devices.values().all(|d| match d {
+            LabDevice::Instrument(i) => matches!(i.transport, Transport::Sim { .. }),
+            LabDevice::Bioreactor { parts } => parts
+                .values()
+                .all(|i| matches!(i.transport, Transport::Sim { .. })),
+        })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.base.join(&self.doc.controller.data_dir)
+    }
+
+    /// The limits of a setpoint of a device, from its profile (or the part that provides it).
+    pub fn setpoint_limits(&self, id: &str, setpoint: &str) -> Option<Limits> {
+        match self.devices.get(id)? {
+            LabDevice::Instrument(i) => i.profile.limits.get(setpoint).copied(),
+            LabDevice::Bioreactor { parts } => {
+                let part = parts.get(setpoint)?;
+                let name = match part.profile.kind {
+                    DeviceKind::Pump => "rate",
+                    _ => "temperature",
+                };
+                part.profile
+                    .limits
+                    .get(setpoint)
+                    .or_else(|| part.profile.limits.get(name))
+                    .copied()
+            }
+        }
+    }
+
+    pub fn slots(&self, id: &str) -> u32 {
+        match self.devices.get(id) {
+            Some(LabDevice::Instrument(i)) => i.profile.slots(),
+            _ => 0,
+        }
+    }
+}
+
+/// The folder of the profiles shipped with the controller.
+pub fn shipped_profiles() -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("devices")];
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(root) = exe.ancestors().nth(3)
+    {
+        // target/<profile>/biofoundry → the source tree's devices/.
+        dirs.push(root.join("devices"));
+    }
+    dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("devices"));
+    dirs
+}
+
+fn span(r: std::ops::Range<usize>) -> Span {
+    Span::new(r.start, r.end)
+}
+
+/// Reads and checks a lab file.
+pub fn load(path: &Path) -> Result<LabFile, (Arc<SourceFile>, Vec<Diagnostic>)> {
+    let text = match profile::read_bounded(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let file = Arc::new(SourceFile::new(path, ""));
+            return Err((
+                file,
+                vec![Diagnostic::error(
+                    "unreadable",
+                    Span::default(),
+                    e.to_string(),
+                )],
+            ));
+        }
+    };
+    let (lab, diagnostics) = parse(SourceFile::new(path, text));
+    match lab {
+        Some(l) if !diagnostics.iter().any(Diagnostic::is_error) => Ok(l),
+        Some(l) => Err((l.file, diagnostics)),
+        None => Err((Arc::new(SourceFile::new(path, "")), diagnostics)),
+    }
+}
+
+/// Parses lab text; profiles are looked up relative to the file's folder.
+pub fn parse(file: SourceFile) -> (Option<LabFile>, Vec<Diagnostic>) {
+    let file = Arc::new(file);
+    let mut out = Vec::new();
+    let doc: LabDoc = match toml::from_str(&file.text) {
+        Ok(d) => d,
+        Err(e) => {
+            out.push(
+                Diagnostic::error(
+                    "lab-syntax",
+                    e.span().map(span).unwrap_or_default(),
+                    e.message().trim().to_string(),
+                )
+                .with_hint("see docs/lab-file.md for every key"),
+            );
+            // Keep the file for rendering the diagnostic.
+            return (None, out);
+        }
+    };
+    if doc.format.get_ref() != FORMAT {
+        out.push(
+            Diagnostic::error(
+                "unknown-format",
+                span(doc.format.span()),
+                format!("unknown format `{}`", doc.format.get_ref()),
+            )
+            .with_hint(format!("write format = \"{FORMAT}\"")),
+        );
+    }
+    let base = file
+        .path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = doc
+        .controller
+        .profiles
+        .iter()
+        .map(|d| base.join(d))
+        .collect();
+    dirs.push(base.join("devices"));
+    dirs.extend(shipped_profiles());
+    let mut loaded: HashMap<PathBuf, Option<Arc<Profile>>> = HashMap::new();
+    let mut resolve = |name: &Spanned<String>, out: &mut Vec<Diagnostic>| -> Option<Arc<Profile>> {
+        let path = match profile::find(name.get_ref(), &dirs) {
+            Ok(p) if p.is_relative() && !p.exists() => base.join(p),
+            Ok(p) => p,
+            Err(e) => {
+                let hint = match &e {
+                    profile::ProfileError::NotFound { hint: Some(h), .. } => h.clone(),
+                    _ => "profiles are TOML files in devices/; `biofoundry devices profiles` lists them".into(),
+                };
+                out.push(
+                    Diagnostic::error("unknown-profile", span(name.span()), e.to_string())
+                        .with_hint(hint),
+                );
+                return None;
+            }
+        };
+        if let Some(p) = loaded.get(&path) {
+            return p.clone();
+        }
+        let p = match profile::load(&path) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(e) => {
+                let detail = match &e {
+                    profile::ProfileError::Invalid { diagnostics, .. } => diagnostics
+                        .iter()
+                        .filter(|d| d.is_error())
+                        .map(|d| d.message.clone())
+                        .next()
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
+                out.push(
+                    Diagnostic::error("bad-profile", span(name.span()), format!("{e}: {detail}"))
+                        .with_hint(format!("run `biofoundry devices check {}`", path.display())),
+                );
+                None
+            }
+        };
+        loaded.insert(path, p.clone());
+        p
+    };
+    let mut devices = IndexMap::new();
+    let mut first_at: HashMap<String, Span> = HashMap::new();
+    // Lines shared by several instruments must agree on their serial settings.
+    let mut lines: HashMap<String, (SerialSettings, Span)> = HashMap::new();
+    let mut instrument = |profile_name: &Spanned<String>,
+                          transport: &Spanned<String>,
+                          settings: &IndexMap<String, f64>,
+                          out: &mut Vec<Diagnostic>|
+     -> Option<Instrument> {
+        let profile = resolve(profile_name, out)?;
+        let t = match Transport::parse(transport.get_ref(), SerialSettings::of(&profile)) {
+            Ok(t) => t,
+            Err(e) => {
+                out.push(Diagnostic::error(
+                    "bad-transport",
+                    span(transport.span()),
+                    e.0,
+                ));
+                return None;
+            }
+        };
+        let modbus_profile = profile.is_modbus();
+        let fits = match &t {
+            Transport::Sim { .. } => true,
+            t => t.is_modbus() == modbus_profile,
+        };
+        if !fits {
+            out.push(
+                Diagnostic::error(
+                    "transport-mismatch",
+                    span(transport.span()),
+                    format!(
+                        "profile `{}` speaks {}, but this transport is {}",
+                        profile.id,
+                        if modbus_profile {
+                            "Modbus"
+                        } else {
+                            "a serial line protocol"
+                        },
+                        t
+                    ),
+                )
+                .with_hint(if modbus_profile {
+                    "use modbus-rtu:///dev/ttyUSB0?unit=1 or modbus-tcp://host:502?unit=1"
+                } else {
+                    "use serial:///dev/ttyUSB0"
+                }),
+            );
+            return None;
+        }
+        if let (
+            Some(key),
+            Transport::Serial { settings, .. } | Transport::ModbusRtu { settings, .. },
+        ) = (t.bus_key(), &t)
+        {
+            match lines.get(&key) {
+                Some((other, at)) if other != settings => out.push(
+                    Diagnostic::error(
+                        "line-settings",
+                        span(transport.span()),
+                        format!("{key} is used at {other} elsewhere and at {settings} here"),
+                    )
+                    .with_related(*at, "first used here")
+                    .with_hint("devices on one line share its baud rate, parity and stop bits"),
+                ),
+                Some(_) => {}
+                None => {
+                    lines.insert(key, (*settings, span(transport.span())));
+                }
+            }
+        }
+        for key in settings.keys() {
+            if !profile.doc.settings.contains_key(key) {
+                out.push(
+                    Diagnostic::error(
+                        "unknown-setting",
+                        span(transport.span()),
+                        format!("profile `{}` has no setting `{key}`", profile.id),
+                    )
+                    .with_optional_hint(did_you_mean(
+                        key,
+                        profile.doc.settings.keys().map(String::as_str),
+                    )),
+                );
+            }
+        }
+        Some(Instrument {
+            profile,
+            transport: t,
+            settings: settings.clone(),
+        })
+    };
+
+    for entry in &doc.devices {
+        let e = entry.get_ref();
+        let id = e.id.get_ref();
+        let id_span = span(e.id.span());
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            out.push(
+                Diagnostic::error("bad-id", id_span, format!("`{id}` is not a device id"))
+                    .with_hint("letters, digits, `_` and `-` (it appears in MQTT topics)"),
+            );
+            continue;
+        }
+        if let Some(first) = first_at.get(id) {
+            out.push(
+                Diagnostic::error(
+                    "duplicate-id",
+                    id_span,
+                    format!("device `{id}` is declared twice"),
+                )
+                .with_related(*first, "first declared here"),
+            );
+            continue;
+        }
+        first_at.insert(id.clone(), id_span);
+        let kind = match &e.kind {
+            Some(k) => match DeviceKind::from_name(k.get_ref()) {
+                Some(kind) => Some(kind),
+                None => {
+                    out.push(
+                        Diagnostic::error(
+                            "unknown-kind",
+                            span(k.span()),
+                            format!("unknown device kind `{}`", k.get_ref()),
+                        )
+                        .with_optional_hint(did_you_mean(
+                            k.get_ref(),
+                            DeviceKind::ALL.iter().map(|k| k.name()),
+                        )),
+                    );
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let entry_span = span(entry.span());
+        if !e.parts.is_empty() || kind == Some(DeviceKind::Bioreactor) {
+            if kind != Some(DeviceKind::Bioreactor) {
+                out.push(
+                    Diagnostic::error(
+                        "parts-need-bioreactor",
+                        entry_span,
+                        format!("device `{id}` has parts, so it is a bioreactor"),
+                    )
+                    .with_hint("write kind = \"bioreactor\""),
+                );
+                continue;
+            }
+            if e.profile.is_some() || e.transport.is_some() {
+                out.push(
+                    Diagnostic::error("bioreactor-profile", entry_span, "a bioreactor has parts, not one profile and transport")
+                        .with_hint("[device.parts.ph] profile = \"hamilton-arc-ph\" transport = \"modbus-rtu:///dev/ttyUSB1?unit=1\""),
+                );
+                continue;
+            }
+            if e.parts.is_empty() {
+                out.push(
+                    Diagnostic::error(
+                        "no-parts",
+                        entry_span,
+                        format!("bioreactor `{id}` has no parts"),
+                    )
+                    .with_hint(
+                        "[device.parts.ph], [device.parts.temperature], [device.parts.feed] ...",
+                    ),
+                );
+                continue;
+            }
+            let spec = DeviceKind::Bioreactor.spec();
+            let mut parts = IndexMap::new();
+            for (role, part) in &e.parts {
+                let known = spec.signal(role).is_some()
+                    || spec.setpoint(role).is_some()
+                    || spec.pumps.contains(&role.as_str());
+                if !known {
+                    let names: Vec<&str> = spec
+                        .signals
+                        .iter()
+                        .map(|s| s.name)
+                        .chain(spec.pumps.iter().copied())
+                        .collect();
+                    out.push(
+                        Diagnostic::error(
+                            "unknown-part",
+                            span(part.span()),
+                            format!("a bioreactor has no part `{role}`"),
+                        )
+                        .with_hint(
+                            did_you_mean(role, names.iter().copied())
+                                .unwrap_or_else(|| format!("parts: {}", names.join(", "))),
+                        ),
+                    );
+                    continue;
+                }
+                let p = part.get_ref();
+                if let Some(i) = instrument(&p.profile, &p.transport, &p.settings, &mut out) {
+                    let is_pump_role = spec.pumps.contains(&role.as_str()) || role == "airflow";
+                    let expected_ok = if is_pump_role {
+                        i.profile.kind == DeviceKind::Pump
+                    } else {
+                        i.profile.doc.signals.contains_key(role.as_str())
+                            || i.profile.doc.setpoints.contains_key(role.as_str())
+                    };
+                    if !expected_ok {
+                        out.push(
+                            Diagnostic::error(
+                                "part-mismatch",
+                                span(p.profile.span()),
+                                if is_pump_role {
+                                    format!("part `{role}` must be a pump, and `{}` is {}", i.profile.id, i.profile.kind.with_article())
+                                } else {
+                                    format!("part `{role}` must measure or control {role}, and `{}` has no signal or setpoint `{role}`", i.profile.id)
+                                },
+                            ),
+                        );
+                        continue;
+                    }
+                    parts.insert(role.clone(), i);
+                }
+            }
+            devices.insert(id.clone(), LabDevice::Bioreactor { parts });
+            continue;
+        }
+        let (Some(profile_name), Some(transport)) = (&e.profile, &e.transport) else {
+            out.push(
+                Diagnostic::error("incomplete-device", entry_span, format!("device `{id}` needs a `profile` and a `transport`"))
+                    .with_hint("profile = \"opentrons-temperature-module\"\ntransport = \"serial:///dev/ttyACM0\" (or \"sim://\")"),
+            );
+            continue;
+        };
+        if let Some(i) = instrument(profile_name, transport, &e.settings, &mut out) {
+            if let (Some(k), Some(ks)) = (kind, &e.kind)
+                && k != i.profile.kind
+            {
+                out.push(Diagnostic::error(
+                    "kind-mismatch",
+                    span(ks.span()),
+                    format!(
+                        "profile `{}` is {}, not {}",
+                        i.profile.id,
+                        i.profile.kind.with_article(),
+                        k.with_article()
+                    ),
+                ));
+                continue;
+            }
+            devices.insert(id.clone(), LabDevice::Instrument(i));
+        }
+    }
+    if doc.devices.is_empty() {
+        out.push(
+            Diagnostic::warning(
+                "no-devices",
+                span(doc.format.span()),
+                "the lab has no devices",
+            )
+            .with_hint("add [[device]] tables"),
+        );
+    }
+    let lab = LabFile {
+        file,
+        doc,
+        devices,
+        base,
+    };
+    (Some(lab), out)
+}
+
+/// Protocol checks against a lab file's devices: roles bound like a run binds
+/// them, limits and slots from the profiles.
+pub struct LabLimits<'a> {
+    pub lab: &'a LabFile,
+    /// role → device id.
+    pub bindings: HashMap<String, String>,
+}
+
+impl crate::validate::DeviceLimits for LabLimits<'_> {
+    fn setpoint_limits(&self, role: &str, kind: DeviceKind, setpoint: &str) -> Option<Limits> {
+        match self.bindings.get(role) {
+            Some(id) => self.lab.setpoint_limits(id, setpoint),
+            None => kind.spec().setpoint(setpoint).map(|s| s.limits()),
+        }
+    }
+
+    fn slots(&self, role: &str, kind: DeviceKind) -> u32 {
+        match self.bindings.get(role) {
+            Some(id) => self.lab.slots(id),
+            None => kind.spec().slots,
+        }
+    }
+
+    fn description(&self) -> String {
+        format!("lab {}", self.lab.file.display_path())
+    }
+
+    fn lacks(&self, role: &str, _kind: DeviceKind, what: Capability<'_>) -> Option<String> {
+        let id = self.bindings.get(role)?;
+        let (noun, name) = match what {
+            Capability::Setpoint(n) => ("setpoint", n),
+            Capability::Signal(n) => ("signal", n),
+            Capability::Command(n) => ("action", n),
+            Capability::Pump(n) => ("pump", n),
+        };
+        match self.lab.devices.get(id)? {
+            LabDevice::Instrument(i) => {
+                let d = &i.profile.doc;
+                let has = match what {
+                    Capability::Setpoint(n) => d.setpoints.contains_key(n),
+                    Capability::Signal(n) => d.signals.contains_key(n),
+                    Capability::Command(n) => d.actions.contains_key(n),
+                    Capability::Pump(_) => false,
+                };
+                (!has).then(|| {
+                    format!(
+                        "{role} is `{id}`, a {} ({}), which has no {noun} `{name}`",
+                        d.profile.name, i.profile.id
+                    )
+                })
+            }
+            LabDevice::Bioreactor { parts } => {
+                let has = match what {
+                    Capability::Setpoint(n) => parts.get(n).is_some_and(|p| {
+                        p.profile.doc.setpoints.contains_key(n)
+                            || (p.profile.kind == DeviceKind::Pump
+                                && p.profile.doc.setpoints.contains_key("rate"))
+                    }),
+                    Capability::Signal(n) => parts.get(n).is_some_and(|p| {
+                        p.profile.doc.signals.contains_key(n)
+                            || (p.profile.kind == DeviceKind::Pump
+                                && p.profile.doc.signals.contains_key("rate"))
+                    }),
+                    Capability::Pump(n) => parts
+                        .get(n)
+                        .is_some_and(|p| p.profile.kind == DeviceKind::Pump),
+                    Capability::Command(_) => false,
+                };
+                (!has).then(|| {
+                    format!(
+                        "{role} is bioreactor `{id}`, and none of its parts ({}) provides the {noun} `{name}`",
+                        parts.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )
+                })
+            }
+        }
+    }
+}
