@@ -398,6 +398,10 @@ pub struct SimulationDef {
     /// Modbus: registers with fixed contents (unit codes, identity).
     #[serde(default)]
     pub registers: Vec<FixedRegister>,
+    /// Serial: the lines a busy instrument answers with (e.g. `["er 01"]`), sent
+    /// when a "busy" fault is injected; without them a busy instrument is silent.
+    #[serde(default)]
+    pub busy_reply: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -409,6 +413,10 @@ pub struct RespondRule {
     pub value: Option<Template>,
     /// Run this command of the model (`stop`, `open_door`, `load`, ...).
     pub command: Option<String>,
+    /// Reply only once the command has finished (instruments that answer at
+    /// the end of a motion); otherwise at once, while it runs.
+    #[serde(default)]
+    pub wait: bool,
     /// Reply lines; `{name}` may use captures, the model's signals,
     /// `target.<setpoint>` and settings.
     #[serde(default)]
