@@ -36,7 +36,8 @@ pub struct RunOptions {
     /// First retry delay in lab seconds; it doubles for each attempt.
     pub retry_base_s: f64,
     pub retry_max_s: f64,
-    /// How long a device may take to connect or reach its safe state.
+    /// How long a device may take to connect or reach its safe state, in real
+    /// seconds whatever the clock's speed (instrument I/O does not speed up).
     pub connect_timeout_s: f64,
     pub safe_state_timeout_s: f64,
 }
@@ -527,6 +528,8 @@ struct Executor {
     /// the only steps the scheduler looks at, so that a step costs the same in
     /// a protocol of 100 000 steps as in one of ten.
     eligible: std::collections::BTreeSet<usize>,
+    /// Why the run is holding, repeated when it is held.
+    hold_reason: Option<String>,
 }
 
 impl Executor {
@@ -630,6 +633,7 @@ impl Executor {
             deps_left,
             dependents,
             eligible,
+            hold_reason: None,
         }
     }
 
@@ -762,7 +766,8 @@ impl Executor {
                 continue;
             };
             let tx = self.messages_tx.clone();
-            let limit = self.clock.real(self.options.connect_timeout_s);
+            // Real time: talking to an instrument does not speed up with the clock.
+            let limit = std::time::Duration::from_secs_f64(self.options.connect_timeout_s);
             let device = id.clone();
             tokio::spawn(async move {
                 let result = match tokio::time::timeout(limit, handle.device().connect()).await {
@@ -845,7 +850,7 @@ impl Executor {
         };
         let tx = self.messages_tx.clone();
         let clock = self.clock;
-        let limit = self.clock.real(self.options.connect_timeout_s);
+        let limit = std::time::Duration::from_secs_f64(self.options.connect_timeout_s);
         let device = id.to_string();
         let task = tokio::spawn(async move {
             let mut delay = 1.0;
@@ -921,6 +926,16 @@ impl Executor {
 
     fn after_transition(&mut self, before: RunState, effects: Vec<Effect>, reason: Option<String>) {
         let after = self.state();
+        // `held` comes after `holding` once operations in flight end; it repeats
+        // why, so that whoever sees only `held` (an operator, MES) knows it.
+        let reason = match (after, reason) {
+            (RunState::Holding, Some(r)) => {
+                self.hold_reason = Some(r.clone());
+                Some(r)
+            }
+            (RunState::Held, None) => self.hold_reason.clone(),
+            (_, r) => r,
+        };
         if after != before {
             self.state_tx.send_replace(after);
             tracing::info!(from = %before, to = %after, "run state");
@@ -1012,7 +1027,7 @@ impl Executor {
         self.safe_states_running = true;
         let handles: Vec<DeviceHandle> = self.bindings.values().cloned().collect();
         let tx = self.messages_tx.clone();
-        let limit = self.clock.real(self.options.safe_state_timeout_s);
+        let limit = std::time::Duration::from_secs_f64(self.options.safe_state_timeout_s);
         tokio::spawn(async move {
             let mut errors = Vec::new();
             for h in handles {
