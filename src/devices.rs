@@ -344,7 +344,7 @@ fn list(lab: &LabFile, _json: bool) -> Result<ExitCode, String> {
             let kind = lab.kind(id).map_or("?", |k| k.name());
             let _ = writeln!(out, "{id:<14} {kind:<19} {state}");
             for (part, profile, transport) in describe(device) {
-                let _ = writeln!(out, "  {part:<12} {profile:<32} {transport}");
+                let _ = writeln!(out, "  {part:<18} {profile:<30} {transport}");
             }
         }
         Ok(if all_ready {
@@ -495,9 +495,10 @@ fn set(lab: &LabFile, id: &str, setpoint: &str, value: &str) -> Result<ExitCode,
         if let Some(l) = handle.device().limits(setpoint)
             && !l.contains(q.value)
         {
-            return Err(format!(
-                "{id} refused: {setpoint} {q} is outside the instrument's limits {l}; nothing was sent"
-            ));
+            eprintln!(
+                "error: {id} refused: {setpoint} {q} is outside the instrument's limits {l}; nothing was sent"
+            );
+            return Ok(ExitCode::from(1));
         }
         connect_with_timeout(&handle).await?;
         match tokio::time::timeout(PROBE_TIMEOUT, handle.device().set(setpoint, q)).await {

@@ -312,10 +312,10 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
         .into_iter()
         .flatten()
         {
-            names_in_scope(t, scope, &[], s, &mut out);
+            names_in_scope(&file.text, t, scope, &[], s, &mut out);
         }
         if let Some(b) = &sig.block {
-            names_in_scope(&b.start, scope, &[], s, &mut out);
+            names_in_scope(&file.text, &b.start, scope, &[], s, &mut out);
             if b.count == 0 || b.count > 125 {
                 out.push(Diagnostic::error(
                     "bad-block",
@@ -392,9 +392,10 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
         .into_iter()
         .flatten()
         {
-            names_in_scope(t, &settings, &["value"], s, &mut out);
+            names_in_scope(&file.text, t, &settings, &["value"], s, &mut out);
         }
         check_steps(
+            &file.text,
             &sp.steps,
             &doc,
             kind,
@@ -435,6 +436,7 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
             .chain(action_params(kind, name).iter().copied())
             .collect();
         check_steps(
+            &file.text,
             &action.get_ref().steps,
             &doc,
             kind,
@@ -451,8 +453,18 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
             ));
         }
     }
-    check_steps(&doc.connect, &doc, kind, &settings, &[], modbus, &mut out);
     check_steps(
+        &file.text,
+        &doc.connect,
+        &doc,
+        kind,
+        &settings,
+        &[],
+        modbus,
+        &mut out,
+    );
+    check_steps(
+        &file.text,
         &doc.safe_state,
         &doc,
         kind,
@@ -463,6 +475,7 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
     );
     if let Some(i) = &doc.identify {
         check_steps(
+            &file.text,
             std::slice::from_ref(i),
             &doc,
             kind,
@@ -598,6 +611,7 @@ fn unit_factor(
 }
 
 fn names_in_scope(
+    text: &str,
     t: &Template,
     settings: &BTreeSet<String>,
     extra: &[&str],
@@ -606,6 +620,18 @@ fn names_in_scope(
 ) {
     for name in t.names() {
         if !settings.contains(&name) && !extra.contains(&name.as_str()) {
+            // Point at the name inside the template when it can be found.
+            // A table's span may be only its header: look up to the next table.
+            let end = text
+                .get(s.start + 1..)
+                .and_then(|rest| rest.find("\n["))
+                .map_or(text.len(), |i| s.start + 1 + i)
+                .max(s.end)
+                .min(text.len());
+            let s = text
+                .get(s.start..end)
+                .and_then(|table| table.find(&format!("{{{name}")))
+                .map_or(s, |i| Span::new(s.start + i + 1, s.start + i + 1 + name.len()));
             let candidates: Vec<&str> = settings
                 .iter()
                 .map(String::as_str)
@@ -631,6 +657,7 @@ fn names_in_scope(
 }
 
 fn check_steps(
+    text: &str,
     steps: &[toml::Spanned<StepDef>],
     doc: &ProfileDoc,
     kind: DeviceKind,
@@ -692,7 +719,7 @@ fn check_steps(
         .into_iter()
         .flatten()
         {
-            names_in_scope(t, settings, params, s, out);
+            names_in_scope(text, t, settings, params, s, out);
         }
         if let Some(set) = &st.set
             && !doc.setpoints.contains_key(set.get_ref())
