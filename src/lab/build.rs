@@ -11,7 +11,7 @@ use crate::sim::{SimBioreactor, SimOptions};
 use crate::transport::Transport;
 use crate::transport::modbus::{Endpoint, ModbusBus};
 use crate::transport::serial::{Opener, PipeOpener, SerialLink};
-use crate::wiresim::{FaultHandle, ModbusUnit, SerialSimulator, physics_for};
+use crate::wiresim::{FaultHandle, ModbusUnit, SerialSimulator, part_physics, physics_for};
 use indexmap::IndexMap;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,8 +42,9 @@ pub struct LabRuntime {
 }
 
 /// The physics behind a `sim://` instrument: its own simulated device, or a
-/// part of a simulated culture shared by a bioreactor's parts.
-type SimSource = Option<Arc<SimBioreactor>>;
+/// part (by its role in the lab file) of a simulated culture shared by a
+/// bioreactor's parts.
+type SimSource = Option<(Arc<SimBioreactor>, String)>;
 
 /// Builds the drivers of every device of a lab. Nothing is opened yet: links
 /// open on `connect` (and reopen by themselves after a failure).
@@ -100,14 +101,14 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
                 Link::modbus(&profile, bus, *unit)
             }
             Transport::Sim { unit } => {
-                let reactor = sim.ok_or_else(|| format!("{id}: no simulator"))?;
-                let physics = physics_for(
-                    &profile,
-                    id,
-                    backing.clock,
-                    backing.options.clone(),
-                    reactor,
-                )?;
+                let source = sim.ok_or_else(|| format!("{id}: no simulator"))?;
+                let (clock, options) = (backing.clock, backing.options.clone());
+                let physics = match source {
+                    Some((reactor, role)) => {
+                        part_physics(&profile, id, &role, clock, options, reactor)?
+                    }
+                    None => physics_for(&profile, id, clock, options, None)?,
+                };
                 if profile.is_modbus() {
                     let unit_id = unit.unwrap_or(1);
                     let mut bus = crate::wiresim::ModbusBus::new();
@@ -164,7 +165,7 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
                 for (role, i) in parts {
                     let part_id = format!("{id}.{role}");
                     let sim = matches!(i.transport, Transport::Sim { .. })
-                        .then(|| Some(Arc::clone(&reactor)));
+                        .then(|| Some((Arc::clone(&reactor), role.clone())));
                     let d = make(&part_id, i, sim)?;
                     instruments.insert(part_id, Arc::clone(&d));
                     handles.insert(role.clone(), d.handle());

@@ -10,7 +10,7 @@ use crate::sim::SimBioreactor;
 use crate::transport::Transport;
 use crate::wiresim::{
     Fault, FaultHandle, ModbusBus, ModbusUnit, PtyHost, SerialSimulator, TcpHost, Times,
-    physics_for,
+    part_physics, physics_for,
 };
 use indexmap::IndexMap;
 use std::path::PathBuf;
@@ -74,7 +74,9 @@ pub async fn serve_lab(lab: &LabFile, backing: &SimBacking) -> Result<SimulatedW
     let mut serial: IndexMap<String, (String, Arc<SerialSimulator>)> = IndexMap::new();
     let mut rtu: IndexMap<String, ModbusBus> = IndexMap::new();
     let mut tcp: IndexMap<(String, u16), ModbusBus> = IndexMap::new();
-    let mut instruments: Vec<(String, &Instrument, Option<Arc<SimBioreactor>>)> = Vec::new();
+    // Each instrument, and for a bioreactor part its vessel and role.
+    type Part = Option<(Arc<SimBioreactor>, String)>;
+    let mut instruments: Vec<(String, &Instrument, Part)> = Vec::new();
     for (id, device) in &lab.devices {
         match device {
             LabDevice::Instrument(i) => instruments.push((id.clone(), i, None)),
@@ -86,19 +88,18 @@ pub async fn serve_lab(lab: &LabFile, backing: &SimBacking) -> Result<SimulatedW
                     backing.options.clone(),
                 ));
                 for (role, i) in parts {
-                    instruments.push((format!("{id}.{role}"), i, Some(Arc::clone(&reactor))));
+                    let part = Some((Arc::clone(&reactor), role.clone()));
+                    instruments.push((format!("{id}.{role}"), i, part));
                 }
             }
         }
     }
-    for (id, i, reactor) in instruments {
-        let physics = physics_for(
-            &i.profile,
-            &id,
-            backing.clock,
-            backing.options.clone(),
-            reactor,
-        )?;
+    for (id, i, part) in instruments {
+        let (clock, options) = (backing.clock, backing.options.clone());
+        let physics = match part {
+            Some((reactor, role)) => part_physics(&i.profile, &id, &role, clock, options, reactor)?,
+            None => physics_for(&i.profile, &id, clock, options, None)?,
+        };
         let unit = |u: &Option<u8>| {
             u.unwrap_or(match i.profile.doc.link.get_ref() {
                 crate::profile::LinkDef::Modbus(m) => m.unit,

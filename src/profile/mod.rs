@@ -631,7 +631,9 @@ fn names_in_scope(
             let s = text
                 .get(s.start..end)
                 .and_then(|table| table.find(&format!("{{{name}")))
-                .map_or(s, |i| Span::new(s.start + i + 1, s.start + i + 1 + name.len()));
+                .map_or(s, |i| {
+                    Span::new(s.start + i + 1, s.start + i + 1 + name.len())
+                });
             let candidates: Vec<&str> = settings
                 .iter()
                 .map(String::as_str)
@@ -656,6 +658,9 @@ fn names_in_scope(
     }
 }
 
+// One private helper over one profile's text, document, kind, settings and
+// link: a struct for them would only rename the arguments.
+#[allow(clippy::too_many_arguments)]
 fn check_steps(
     text: &str,
     steps: &[toml::Spanned<StepDef>],

@@ -5,7 +5,10 @@
 //! command and reads reply lines until the caller's rule says the reply is
 //! complete. Anything unread from before is discarded first, and a link that
 //! timed out or read garbage is closed and reopened before the next exchange:
-//! a late reply is never read as the answer to the next command.
+//! a late reply is never read as the answer to the next command. A port (or
+//! pseudo-terminal) keeps what arrives while it is closed, so it is reopened
+//! only once the device's reply time has passed again, and its input is
+//! cleared then.
 
 use super::{SerialSettings, TransportError};
 use crate::profile::{FlowControl, Parity, SerialLinkDef};
@@ -167,6 +170,9 @@ pub struct SerialLink {
     stream: Option<LinkStream>,
     buffer: Vec<u8>,
     last_end: Option<Instant>,
+    /// After a timeout or garbage on a port: a late reply may still come
+    /// until then, so the port is not reopened before.
+    quiet_at: Option<Instant>,
 }
 
 impl SerialLink {
@@ -176,6 +182,7 @@ impl SerialLink {
             stream: None,
             buffer: Vec::new(),
             last_end: None,
+            quiet_at: None,
         }
     }
 
@@ -221,8 +228,8 @@ impl SerialLink {
     }
 
     /// Writes `command` and reads reply lines until `complete` returns true for
-    /// a line (or, with `expect_reply` false, reads nothing). Echoed commands
-    /// are dropped. Any failure closes the link.
+    /// a line (or, with `expect_reply` false, reads only the echo of an
+    /// echoing device). Echoed commands are dropped. Any failure closes the link.
     pub async fn exchange(
         &mut self,
         config: &LineConfig,
@@ -236,6 +243,12 @@ impl SerialLink {
         self.last_end = Some(Instant::now());
         if result.is_err() {
             self.close();
+        }
+        // A pipe is a new connection when reopened; a port is the same line.
+        if matches!(result, Err(LinkError::Timeout(_) | LinkError::Malformed(_)))
+            && matches!(self.opener, Opener::Port { .. })
+        {
+            self.quiet_at = Some(Instant::now() + config.reply_timeout);
         }
         result
     }
@@ -254,6 +267,12 @@ impl SerialLink {
                 tokio::time::sleep(ready - now).await;
             }
         }
+        if let Some(quiet) = self.quiet_at.take() {
+            let now = Instant::now();
+            if quiet > now {
+                tokio::time::sleep(quiet - now).await;
+            }
+        }
         self.open()?;
         self.drain().await?;
         let stream = self.stream.as_mut().ok_or_else(|| down("closed"))?;
@@ -268,7 +287,7 @@ impl SerialLink {
             Ok(Err(e)) => return Err(down(&format!("write: {e}"))),
             Ok(Ok(())) => {}
         }
-        if !expect_reply {
+        if !expect_reply && !config.echo {
             return Ok(Vec::new());
         }
         let deadline = tokio::time::Instant::now() + config.reply_timeout;
@@ -281,7 +300,21 @@ impl SerialLink {
             };
             if echo_pending && line.trim() == command.trim() {
                 echo_pending = false;
+                // A command without a reply is done once echoed; an echo left
+                // unread would be taken for the next command's reply.
+                if !expect_reply {
+                    return Ok(Vec::new());
+                }
                 continue;
+            }
+            if !expect_reply {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                return Err(LinkError::Malformed(format!(
+                    "`{}` instead of the echo of `{command}`",
+                    line.escape_debug()
+                )));
             }
             echo_pending = false;
             if line.trim().is_empty() {

@@ -73,6 +73,12 @@ fn new_pty() -> io::Result<(SerialStream, SerialStream, PathBuf)> {
 
 /// Points `link` at `target`, replacing a symlink already there (never a file).
 fn place_link(link: &Path, target: &Path) -> io::Result<()> {
+    // Already right (the host placed it before its task started): replacing it
+    // would take it away for a moment, and a controller opening the path
+    // then would find nothing there.
+    if std::fs::read_link(link).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
     match std::fs::symlink_metadata(link) {
         Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(link)?,
         Ok(_) => {

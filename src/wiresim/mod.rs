@@ -26,7 +26,9 @@ pub mod serial;
 
 pub use host::{PtyHost, TcpHost};
 pub use modbus::{ModbusBus, ModbusUnit};
-pub use physics::{BioreactorPart, DevicePhysics, NoPhysics, PartRole, Physics, physics_for};
+pub use physics::{
+    BioreactorPart, DevicePhysics, NoPhysics, PartRole, Physics, part_physics, physics_for,
+};
 pub use serial::SerialSimulator;
 
 use std::sync::{Arc, Mutex, PoisonError};

@@ -592,6 +592,25 @@ pub fn physics_for(
     )))
 }
 
+/// The physics of the bioreactor part named `role` in a lab file, on the
+/// vessel's `reactor`. The part's name says what it does for the vessel: a
+/// `base` part doses base even when its pump profile's own simulation model
+/// is `feed` (one pump profile serves every line). A name that is no part
+/// role (`stirrer`) falls back to the profile's model.
+pub fn part_physics(
+    profile: &crate::profile::Profile,
+    id: &str,
+    role: &str,
+    clock: Clock,
+    options: SimOptions,
+    reactor: Arc<SimBioreactor>,
+) -> Result<Arc<dyn Physics>, String> {
+    if PartRole::parse(role).is_some() {
+        return Ok(Arc::new(BioreactorPart::new(reactor, role, clock)?));
+    }
+    physics_for(profile, id, clock, options, Some(reactor))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
