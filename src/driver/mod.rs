@@ -695,6 +695,23 @@ impl ProfileDevice {
         ])
     }
 
+    /// Aspirate or dispense at a well: its position, the volume and what the tip
+    /// already holds are the action's parameters.
+    async fn pipette(
+        &self,
+        action: &str,
+        labware: &str,
+        well: &str,
+        volume_ul: f64,
+        check: impl FnOnce(&mut LiquidHandlerModel) -> Result<(), String>,
+    ) -> DeviceResult<()> {
+        let mut params = self.liquid_handler_position(labware, well, false)?.to_vec();
+        let held = self.state().deck.tip_volume_ul().unwrap_or(0.0);
+        params.push(("volume".into(), volume_ul));
+        params.push(("held".into(), held));
+        self.deck_operation(check, action, params).await
+    }
+
     /// Checks an operation against the deck model, runs `action`, and keeps
     /// the model's new state only if the instrument did it.
     async fn deck_operation(
@@ -845,28 +862,16 @@ impl LiquidHandler for ProfileDevice {
     }
 
     async fn aspirate(&self, labware: &str, well: &str, volume_ul: f64) -> DeviceResult<()> {
-        let mut params = self.liquid_handler_position(labware, well, false)?.to_vec();
-        let held = self.state().deck.tip_volume_ul().unwrap_or(0.0);
-        params.push(("volume".into(), volume_ul));
-        params.push(("held".into(), held));
-        self.deck_operation(
-            |m| m.aspirate(labware, well, volume_ul).map(|_| ()),
-            "aspirate",
-            params,
-        )
+        self.pipette("aspirate", labware, well, volume_ul, |m| {
+            m.aspirate(labware, well, volume_ul).map(|_| ())
+        })
         .await
     }
 
     async fn dispense(&self, labware: &str, well: &str, volume_ul: f64) -> DeviceResult<()> {
-        let mut params = self.liquid_handler_position(labware, well, false)?.to_vec();
-        let held = self.state().deck.tip_volume_ul().unwrap_or(0.0);
-        params.push(("volume".into(), volume_ul));
-        params.push(("held".into(), held));
-        self.deck_operation(
-            |m| m.dispense(labware, well, volume_ul).map(|_| ()),
-            "dispense",
-            params,
-        )
+        self.pipette("dispense", labware, well, volume_ul, |m| {
+            m.dispense(labware, well, volume_ul).map(|_| ())
+        })
         .await
     }
 

@@ -248,31 +248,14 @@ pub fn load(path: &Path) -> Result<LabFile, (Arc<SourceFile>, Vec<Diagnostic>)> 
 pub fn parse(file: SourceFile) -> (Option<LabFile>, Vec<Diagnostic>) {
     let file = Arc::new(file);
     let mut out = Vec::new();
-    let doc: LabDoc = match toml::from_str(&file.text) {
+    let doc: LabDoc = match profile::parse_document(&file.text, "lab-syntax", "docs/lab-file.md") {
         Ok(d) => d,
-        Err(e) => {
-            out.push(
-                Diagnostic::error(
-                    "lab-syntax",
-                    e.span().map(span).unwrap_or_default(),
-                    e.message().trim().to_string(),
-                )
-                .with_hint("see docs/lab-file.md for every key"),
-            );
-            // Keep the file for rendering the diagnostic.
+        Err(d) => {
+            out.push(*d);
             return (None, out);
         }
     };
-    if doc.format.get_ref() != FORMAT {
-        out.push(
-            Diagnostic::error(
-                "unknown-format",
-                span(doc.format.span()),
-                format!("unknown format `{}`", doc.format.get_ref()),
-            )
-            .with_hint(format!("write format = \"{FORMAT}\"")),
-        );
-    }
+    profile::check_format(&doc.format, FORMAT, &mut out);
     let base = file
         .path
         .parent()

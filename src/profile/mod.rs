@@ -176,27 +176,15 @@ pub fn find(name: &str, dirs: &[PathBuf]) -> Result<PathBuf, ProfileError> {
 pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
     let file = Arc::new(file);
     let mut out = Vec::new();
-    let doc: ProfileDoc = match toml::from_str(&file.text) {
-        Ok(doc) => doc,
-        Err(e) => {
-            let s = e.span().map(span).unwrap_or_default();
-            out.push(
-                Diagnostic::error("profile-syntax", s, e.message().trim().to_string())
-                    .with_hint("see docs/device-profiles.md for every key"),
-            );
-            return (None, out);
-        }
-    };
-    if doc.format.get_ref() != FORMAT {
-        out.push(
-            Diagnostic::error(
-                "unknown-format",
-                span(doc.format.span()),
-                format!("unknown format `{}`", doc.format.get_ref()),
-            )
-            .with_hint(format!("write format = \"{FORMAT}\"")),
-        );
-    }
+    let doc: ProfileDoc =
+        match parse_document(&file.text, "profile-syntax", "docs/device-profiles.md") {
+            Ok(doc) => doc,
+            Err(d) => {
+                out.push(*d);
+                return (None, out);
+            }
+        };
+    check_format(&doc.format, FORMAT, &mut out);
     let kind_name = doc.profile.kind.get_ref();
     let Some(kind) = DeviceKind::from_name(kind_name) else {
         out.push(
@@ -568,6 +556,71 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
     (Some(profile), out)
 }
 
+/// A step's reference to a setpoint or action of the profile, which must exist.
+fn reference<T>(
+    name: &toml::Spanned<String>,
+    what: &str,
+    known: &IndexMap<String, T>,
+    out: &mut Vec<Diagnostic>,
+) {
+    if known.contains_key(name.get_ref()) {
+        return;
+    }
+    let code = if what == "setpoint" {
+        "unknown-setpoint"
+    } else {
+        "unknown-action"
+    };
+    out.push(
+        Diagnostic::error(
+            code,
+            span(name.span()),
+            format!("the profile has no {what} `{}`", name.get_ref()),
+        )
+        .with_optional_hint(did_you_mean(
+            name.get_ref(),
+            known.keys().map(String::as_str),
+        )),
+    );
+}
+
+/// Deserialises a TOML document; a syntax or shape error becomes a diagnostic
+/// at its place. Shared by profiles and lab files.
+pub(crate) fn parse_document<T: serde::de::DeserializeOwned>(
+    text: &str,
+    code: &'static str,
+    doc_page: &str,
+) -> Result<T, Box<Diagnostic>> {
+    toml::from_str(text).map_err(|e| {
+        Box::new(
+            Diagnostic::error(
+                code,
+                e.span().map(span).unwrap_or_default(),
+                e.message().trim().to_string(),
+            )
+            .with_hint(format!("see {doc_page} for every key")),
+        )
+    })
+}
+
+/// The `format = "..."` line must name the expected format.
+pub(crate) fn check_format(
+    format: &toml::Spanned<String>,
+    expected: &str,
+    out: &mut Vec<Diagnostic>,
+) {
+    if format.get_ref() != expected {
+        out.push(
+            Diagnostic::error(
+                "unknown-format",
+                span(format.span()),
+                format!("unknown format `{}`", format.get_ref()),
+            )
+            .with_hint(format!("write format = \"{expected}\"")),
+        );
+    }
+}
+
 fn wrong_link(s: Span, keys: &str, link: &str) -> Diagnostic {
     Diagnostic::error(
         "wrong-link",
@@ -726,35 +779,11 @@ fn check_steps(
         {
             names_in_scope(text, t, settings, params, s, out);
         }
-        if let Some(set) = &st.set
-            && !doc.setpoints.contains_key(set.get_ref())
-        {
-            out.push(
-                Diagnostic::error(
-                    "unknown-setpoint",
-                    span(set.span()),
-                    format!("the profile has no setpoint `{}`", set.get_ref()),
-                )
-                .with_optional_hint(did_you_mean(
-                    set.get_ref(),
-                    doc.setpoints.keys().map(String::as_str),
-                )),
-            );
+        if let Some(set) = &st.set {
+            reference(set, "setpoint", &doc.setpoints, out);
         }
-        if let Some(a) = &st.action
-            && !doc.actions.contains_key(a.get_ref())
-        {
-            out.push(
-                Diagnostic::error(
-                    "unknown-action",
-                    span(a.span()),
-                    format!("the profile has no action `{}`", a.get_ref()),
-                )
-                .with_optional_hint(did_you_mean(
-                    a.get_ref(),
-                    doc.actions.keys().map(String::as_str),
-                )),
-            );
+        if let Some(a) = &st.action {
+            reference(a, "action", &doc.actions, out);
         }
         let _ = kind;
     }
