@@ -72,10 +72,11 @@ pub struct SimArgs {
     /// busy, exception:4, disconnect:10s); more while running on standard input.
     #[arg(long = "fault", value_name = "DEVICE=FAULT")]
     faults: Vec<ParamOverride>,
-    /// Seed of the simulated physics.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Run the simulated physics this many times faster (demos, training).
+    /// Seed of the simulated physics (default: the lab's [simulation] seed, or 1).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run the simulated physics this many times faster (default: the lab's
+    /// [simulation] speed, or 1). `run` must use the same speed.
     #[arg(long, default_value_t = 1.0)]
     speed: f64,
 }
@@ -529,12 +530,24 @@ pub fn cmd_sim(args: SimArgs) -> Result<ExitCode, String> {
             args.speed
         ));
     }
+    // `--speed`/`--seed` win over the lab file's [simulation].
+    let (speed, seed) = match &lab.doc.simulation {
+        Some(s) => (
+            if args.speed == 1.0 {
+                s.get_ref().speed
+            } else {
+                args.speed
+            },
+            args.seed.unwrap_or(s.get_ref().seed),
+        ),
+        None => (args.speed, args.seed.unwrap_or(1)),
+    };
     let rt = runtime()?;
     rt.block_on(async {
         let backing = SimBacking {
-            clock: biofoundry::clock::Clock::new(args.speed),
+            clock: biofoundry::clock::Clock::new(speed),
             options: biofoundry::sim::SimOptions {
-                seed: args.seed,
+                seed,
                 timing: biofoundry::sim::SimTiming::Realistic,
             },
         };

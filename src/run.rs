@@ -189,7 +189,12 @@ pub fn cmd_run(
         };
         // Real instruments keep their own time: `--speed` applies to simulators only.
         let all_simulated = lab_file.as_ref().is_none_or(|l| l.all_simulated());
-        let speed = if all_simulated { speed } else { 1.0 };
+        // `--speed` wins; a simulated lab file may set its own.
+        let speed = match &lab_file {
+            Some(l) if speed == 1.0 && all_simulated => l.simulation_speed(),
+            _ if all_simulated => speed,
+            _ => 1.0,
+        };
         let clock = Clock::new(speed);
         let (lab, lab_name) = match &lab_file {
             None => (

@@ -188,9 +188,9 @@ impl Drop for SimProcess {
     }
 }
 
-#[test]
-fn sim_serves_a_lab_on_pseudo_terminals_and_takes_faults_while_running() {
-    let dir = scratch("sim");
+/// examples/sim-workcell.toml in `dir` (links, a free TCP port, a clock speed),
+/// served by a `biofoundry sim` process; its stdout lines come on the channel.
+fn start_sim(dir: &Path, speed: u32) -> (SimProcess, String, std::sync::mpsc::Receiver<String>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -200,6 +200,7 @@ fn sim_serves_a_lab_on_pseudo_terminals_and_takes_faults_while_running() {
         .unwrap()
         .replace("/tmp/biofoundry-sim", &dir.display().to_string())
         .replace("15020", &port.to_string())
+        .replace("speed = 60", &format!("speed = {speed}"))
         .replace(
             "data_dir = \"../target/biofoundry-data\"",
             "data_dir = \"data\"",
@@ -236,6 +237,28 @@ fn sim_serves_a_lab_on_pseudo_terminals_and_takes_faults_while_running() {
             break;
         }
     }
+    (sim, lab, rx)
+}
+
+#[test]
+fn a_fed_batch_runs_against_sim_in_another_process_with_readings_over_the_wire() {
+    let dir = scratch("fedbatch");
+    let (sim, lab, _lines) = start_sim(&dir, 1000);
+    // About 8 lab hours at 1000 times: well under a minute.
+    let out = biofoundry(&["run", "protocols/fed_batch_instruments.toml", "--lab", &lab]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("Run completed"), "{t}");
+    assert!(t.contains("step od_reached (wait_until) completed"), "{t}");
+    assert!(t.contains("step feeding (wait) completed"), "{t}");
+    drop(sim);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sim_serves_a_lab_on_pseudo_terminals_and_takes_faults_while_running() {
+    let dir = scratch("sim");
+    let (mut sim, lab, rx) = start_sim(&dir, 1);
     assert!(dir.join("rs485-1").exists());
     let out = biofoundry(&["devices", "probe", "--lab", &lab]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

@@ -34,6 +34,8 @@ pub struct LabDoc {
     pub mqtt: Option<Spanned<MqttSettings>>,
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// Present when the workcell is simulated (by `biofoundry sim` or `sim://`).
+    pub simulation: Option<Spanned<LabSimulation>>,
     #[serde(default, rename = "device")]
     pub devices: Vec<Spanned<DeviceEntry>>,
 }
@@ -85,6 +87,25 @@ pub struct MqttSettings {
 
 fn default_mqtt_port() -> u16 {
     1883
+}
+
+/// A simulated workcell's clock: `sim` and `run` on this lab both use it, so
+/// that a 24-hour protocol can be watched in minutes over real wires.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabSimulation {
+    #[serde(default = "one")]
+    pub speed: f64,
+    #[serde(default = "one_u64")]
+    pub seed: u64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn one_u64() -> u64 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,14 +183,24 @@ impl LabFile {
         }
     }
 
-    /// Every instrument is a `sim://` simulator (so `--speed` may apply).
+    /// The workcell is simulated: every instrument is a `sim://` simulator, or
+    /// the lab file says so with `[simulation]` (so a clock speed may apply).
     pub fn all_simulated(&self) -> bool {
-        self.devices.values().all(|d| match d {
-            LabDevice::Instrument(i) => matches!(i.transport, Transport::Sim { .. }),
-            LabDevice::Bioreactor { parts } => parts
-                .values()
-                .all(|i| matches!(i.transport, Transport::Sim { .. })),
-        })
+        self.doc.simulation.is_some()
+            || self.devices.values().all(|d| match d {
+                LabDevice::Instrument(i) => matches!(i.transport, Transport::Sim { .. }),
+                LabDevice::Bioreactor { parts } => parts
+                    .values()
+                    .all(|i| matches!(i.transport, Transport::Sim { .. })),
+            })
+    }
+
+    /// The clock speed the lab file gives a simulated workcell (1 otherwise).
+    pub fn simulation_speed(&self) -> f64 {
+        self.doc
+            .simulation
+            .as_ref()
+            .map_or(1.0, |s| s.get_ref().speed)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -256,6 +287,19 @@ pub fn parse(file: SourceFile) -> (Option<LabFile>, Vec<Diagnostic>) {
         }
     };
     profile::check_format(&doc.format, FORMAT, &mut out);
+    if let Some(sim) = &doc.simulation {
+        let speed = sim.get_ref().speed;
+        if !(speed.is_finite() && speed > 0.0 && speed <= 100_000.0) {
+            out.push(
+                Diagnostic::error(
+                    "bad-speed",
+                    span(sim.span()),
+                    format!("speed {speed} is not a clock speed"),
+                )
+                .with_hint("a positive number up to 100000: 60 runs an hour in a minute"),
+            );
+        }
+    }
     let base = file
         .path
         .parent()
