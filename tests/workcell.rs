@@ -592,3 +592,46 @@ speed = "300 rpm"
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usb_serial_instrument_unplugged_mid_run_comes_back_and_the_run_goes_on() {
+    let b = bench("usb", 20.0).await;
+    let report = checked(&b, SAMPLING);
+    let mut run = start(&b, report, quick_retries());
+    run.handle.command(RunCommand::Start, "test").await.unwrap();
+    let mut seen = 0;
+    run.until(Duration::from_secs(60), |e| {
+        if matches!(&e.kind, EventKind::Sample { source, .. } if source == "tm_samples") {
+            seen += 1;
+        }
+        seen == 2
+    })
+    .await;
+    // The module's pseudo-terminal disappears and comes back at the same path
+    // after 2 s, as a re-enumerated USB device does.
+    b.workcell
+        .inject(
+            "tm1",
+            Fault::Disconnect(Duration::from_secs(2)),
+            Times::Next(1),
+        )
+        .unwrap();
+    let (report, events) = run.finish(Duration::from_secs(120)).await;
+    assert_eq!(report.state, RunState::Completed, "{:?}", report.faults);
+    assert_eq!(samples(&events, "tm_samples").len(), 6);
+    let tm_states: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::DeviceState { device, state, .. } if device == "tm1" => {
+                Some(format!("{state:?}"))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        tm_states.iter().any(|s| s.contains("Fault"))
+            && tm_states.last().is_some_and(|s| s.contains("Ready")),
+        "the device went to fault and came back by itself: {tm_states:?}"
+    );
+    b.workcell.shutdown().await;
+}
