@@ -66,8 +66,18 @@ pub enum DevicesCommand {
 #[derive(Args)]
 pub struct SimArgs {
     /// Serve every simulated device of this lab file.
+    #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
+    lab: Option<PathBuf>,
+    /// Or serve one profile (a name in devices/ or a path) as device `dev`.
     #[arg(long)]
-    lab: PathBuf,
+    profile: Option<String>,
+    /// With --profile: where the pseudo-terminal's symlink goes (serial and
+    /// Modbus RTU); without it, a path under the temporary folder is printed.
+    #[arg(long, requires = "profile")]
+    at: Option<PathBuf>,
+    /// With --profile: serve a Modbus profile on this loopback TCP port instead.
+    #[arg(long, requires = "profile")]
+    port: Option<u16>,
     /// Inject a fault at start: DEVICE=FAULT (no_reply, slow:2s, garbage,
     /// busy, exception:4, disconnect:10s); more while running on standard input.
     #[arg(long = "fault", value_name = "DEVICE=FAULT")]
@@ -519,10 +529,60 @@ fn set(lab: &LabFile, id: &str, setpoint: &str, value: &str) -> Result<ExitCode,
     })
 }
 
+/// A one-device lab for `sim --profile`.
+fn profile_lab(args: &SimArgs, profile_name: &str) -> Result<LabFile, String> {
+    let path = profile::find(profile_name, &lab::shipped_profiles()).map_err(|e| e.to_string())?;
+    let loaded = profile::load(&path).map_err(|e| match e {
+        profile::ProfileError::Invalid { diagnostics, .. } => format!(
+            "{profile_name} does not load: {}",
+            diagnostics
+                .first()
+                .map(|d| d.message.clone())
+                .unwrap_or_default()
+        ),
+        e => e.to_string(),
+    })?;
+    let at = || -> Result<String, String> {
+        let at = match &args.at {
+            Some(a) => a.clone(),
+            None => std::env::temp_dir()
+                .join(format!("biofoundry-sim-{}", std::process::id()))
+                .join(&loaded.id),
+        };
+        at.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("{} is not a usable path", at.display()))
+    };
+    let transport = match (loaded.is_modbus(), args.port) {
+        (true, Some(port)) => format!("modbus-tcp://127.0.0.1:{port}"),
+        (true, None) => format!("modbus-rtu://{}", at()?),
+        (false, None) => format!("serial://{}", at()?),
+        (false, Some(_)) => return Err("--port serves Modbus profiles; this one is serial".into()),
+    };
+    let text = format!(
+        "format = \"biofoundry.lab/1\"\n[controller]\nsite = \"sim\"\ncell = \"sim\"\nid = \"sim\"\n\
+         [[device]]\nid = \"dev\"\nprofile = {:?}\ntransport = {:?}\n",
+        path.display().to_string(),
+        transport
+    );
+    let (lab, diagnostics) = lab::parse(SourceFile::new("sim-profile.toml", text));
+    match lab {
+        Some(l) if !diagnostics.iter().any(Diagnostic::is_error) => Ok(l),
+        _ => Err(diagnostics
+            .first()
+            .map(|d| d.message.clone())
+            .unwrap_or_else(|| "cannot build a lab for the profile".into())),
+    }
+}
+
 pub fn cmd_sim(args: SimArgs) -> Result<ExitCode, String> {
-    let lab = match load_lab(&args.lab)? {
-        Ok(l) => l,
-        Err(code) => return Ok(code),
+    let lab = match (&args.lab, &args.profile) {
+        (Some(path), _) => match load_lab(path)? {
+            Ok(l) => l,
+            Err(code) => return Ok(code),
+        },
+        (None, Some(name)) => profile_lab(&args, name)?,
+        (None, None) => return Err("give --lab LAB or --profile NAME".into()),
     };
     if !(args.speed.is_finite() && args.speed > 0.0) {
         return Err(format!(

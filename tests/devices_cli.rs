@@ -282,3 +282,48 @@ fn sim_serves_a_lab_on_pseudo_terminals_and_takes_faults_while_running() {
     drop(sim);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn sim_serves_one_profile_at_a_requested_path() {
+    let dir = scratch("oneprofile");
+    let link = dir.join("tm");
+    let mut sim = SimProcess {
+        child: Command::new(env!("CARGO_BIN_EXE_biofoundry"))
+            .args(["sim", "--profile", "opentrons-temperature-module", "--at"])
+            .arg(&link)
+            .current_dir(root())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    };
+    let stdout = sim.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("sim did not start");
+    assert!(first.contains(&link.display().to_string()), "{first}");
+    let lab = dir.join("lab.toml");
+    std::fs::write(
+        &lab,
+        format!(
+            "format = \"biofoundry.lab/1\"\n[controller]\nsite = \"s\"\ncell = \"c\"\nid = \"x\"\n\
+             [[device]]\nid = \"tm1\"\nprofile = \"opentrons-temperature-module\"\ntransport = \"serial://{}\"\n",
+            link.display()
+        ),
+    )
+    .unwrap();
+    let out = biofoundry(&["devices", "read", "--lab", lab.to_str().unwrap(), "tm1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("temperature = "), "{}", text(&out));
+    drop(sim);
+    let _ = std::fs::remove_dir_all(dir);
+}
