@@ -245,8 +245,10 @@ impl ProfileDevice {
         let Link::Serial { line, config } = &self.link else {
             return Err(self.refused("a serial step on a Modbus device"));
         };
+        // Borrowed, not cloned: a cloned regex starts with no cache and
+        // builds one on its first match, on every exchange.
         let reply_end = match self.profile.doc.link.get_ref() {
-            LinkDef::Serial(s) => s.reply_end.clone(),
+            LinkDef::Serial(s) => s.reply_end.as_ref(),
             LinkDef::Modbus(_) => None,
         };
         let errors = &self.profile.doc.errors;
@@ -283,6 +285,11 @@ impl ProfileDevice {
         for line in lines {
             for rule in &self.profile.doc.errors {
                 let rule = rule.get_ref();
+                // `is_match` first: most lines are no error, and `captures`
+                // allocates its slots before it searches.
+                if !rule.pattern.0.is_match(line) {
+                    continue;
+                }
                 let Some(caps) = rule.pattern.0.captures(line) else {
                     continue;
                 };

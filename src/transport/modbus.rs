@@ -202,8 +202,17 @@ async fn owner(endpoint: Endpoint, mut jobs: mpsc::Receiver<Job>) {
         if job.reply.is_closed() {
             continue;
         }
-        if let Some(end) = last_end {
-            tokio::time::sleep_until(end + job.policy.min_gap).await;
+        // No timer when the gap has passed already (the usual case, and every
+        // time without a `min_gap`): tokio's timers tick in whole
+        // milliseconds, so even a deadline just past could hold a request up
+        // to the next tick.
+        if let Some(end) = last_end
+            && !job.policy.min_gap.is_zero()
+        {
+            let ready = end + job.policy.min_gap;
+            if ready > tokio::time::Instant::now() {
+                tokio::time::sleep_until(ready).await;
+            }
         }
         let result = run_job(&endpoint, &mut context, &mut quiet_at, &job).await;
         last_end = Some(tokio::time::Instant::now());

@@ -4,14 +4,22 @@
 //! behind a mutex, which serialises their exchanges. An exchange writes one
 //! command and reads reply lines until the caller's rule says the reply is
 //! complete. Anything unread from before is discarded first, and a link that
-//! timed out or read garbage is closed and reopened before the next exchange:
-//! a late reply is never read as the answer to the next command. A port (or
+//! timed out, read garbage or had its exchange given up by the caller (the
+//! future dropped) is closed and reopened before the next exchange: a late
+//! reply is never read as the answer to the next command. A port (or
 //! pseudo-terminal) keeps what arrives while it is closed, so it is reopened
 //! only once the device's reply time has passed again, and its input is
 //! cleared then.
+//!
+//! Nothing here waits on a timer it does not need (tokio's timers tick in
+//! whole milliseconds, which would cap a link at about a thousand exchanges
+//! a second) or blocks the runtime's thread: commands are not flushed with
+//! tcdrain(3); the time they take on the wire is added to the reply time
+//! instead.
 
 use super::{SerialSettings, TransportError};
 use crate::profile::{FlowControl, Parity, SerialLinkDef};
+use futures::FutureExt;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -134,6 +142,23 @@ impl Opener {
             Opener::Pipe(_) => "in-process simulator".into(),
         }
     }
+
+    /// How long `bytes` take on the line once handed to the port (none on a
+    /// pipe): start bit, data bits, parity bit and stop bits a character.
+    pub fn wire_time(&self, bytes: usize) -> Duration {
+        match self {
+            Opener::Port { settings, .. } => {
+                let bits = 1
+                    + u32::from(settings.data_bits)
+                    + u32::from(settings.parity != Parity::None)
+                    + u32::from(settings.stop_bits);
+                Duration::from_secs_f64(
+                    bytes as f64 * f64::from(bits) / f64::from(settings.baud.max(1)),
+                )
+            }
+            Opener::Pipe(_) => Duration::ZERO,
+        }
+    }
 }
 
 /// Framing and timing of a line protocol (from the profile's `[link]`).
@@ -170,9 +195,15 @@ pub struct SerialLink {
     stream: Option<LinkStream>,
     buffer: Vec<u8>,
     last_end: Option<Instant>,
+    /// When the last command has left the wire (the port's OS buffer may
+    /// still hold it after the write returns).
+    sent_until: Option<Instant>,
     /// After a timeout or garbage on a port: a late reply may still come
     /// until then, so the port is not reopened before.
     quiet_at: Option<Instant>,
+    /// An exchange is under way; still set at the next one when the caller
+    /// gave it up (dropped its future) before it ended.
+    in_flight: bool,
 }
 
 impl SerialLink {
@@ -182,7 +213,9 @@ impl SerialLink {
             stream: None,
             buffer: Vec::new(),
             last_end: None,
+            sent_until: None,
             quiet_at: None,
+            in_flight: false,
         }
     }
 
@@ -237,10 +270,23 @@ impl SerialLink {
         expect_reply: bool,
         complete: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Vec<String>, LinkError> {
+        if std::mem::replace(&mut self.in_flight, true) {
+            // The last exchange was given up before it ended: its reply may
+            // still come, so the link is rebuilt as after a timeout.
+            self.close();
+            self.sent_until = None;
+            if matches!(self.opener, Opener::Port { .. }) {
+                self.quiet_at = Some(Instant::now() + config.reply_timeout);
+            }
+        }
         let result = self
             .exchange_inner(config, command, expect_reply, complete)
             .await;
-        self.last_end = Some(Instant::now());
+        self.in_flight = false;
+        // The gap to the next command counts from when this one has left the
+        // wire, for a command without a reply too.
+        let now = Instant::now();
+        self.last_end = Some(self.sent_until.take().map_or(now, |t| t.max(now)));
         if result.is_err() {
             self.close();
         }
@@ -260,7 +306,11 @@ impl SerialLink {
         expect_reply: bool,
         complete: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<Vec<String>, LinkError> {
-        if let Some(end) = self.last_end {
+        // Without a gap there is nothing to wait for: the port sends its
+        // bytes in order, after the last command's.
+        if let Some(end) = self.last_end
+            && !config.min_gap.is_zero()
+        {
             let ready = end + config.min_gap;
             let now = Instant::now();
             if ready > now {
@@ -274,29 +324,39 @@ impl SerialLink {
             }
         }
         self.open()?;
-        self.drain().await?;
+        self.drain()?;
         let stream = self.stream.as_mut().ok_or_else(|| down("closed"))?;
-        let mut bytes = command.as_bytes().to_vec();
+        let mut bytes = Vec::with_capacity(command.len() + config.send_terminator.len());
+        bytes.extend_from_slice(command.as_bytes());
         bytes.extend_from_slice(config.send_terminator.as_bytes());
-        let write = async {
-            stream.write_all(&bytes).await?;
-            stream.flush().await
-        };
-        match tokio::time::timeout(config.reply_timeout, write).await {
-            Err(_) => return Err(LinkError::Timeout(config.reply_timeout.as_secs_f64())),
-            Ok(Err(e)) => return Err(down(&format!("write: {e}"))),
-            Ok(Ok(())) => {}
+        // No `flush`: on a port it is tcdrain(3), which blocks the runtime's
+        // thread until the bytes are on the wire (with flow control held
+        // off, for ever). The time they take there is added instead.
+        // One timer for the exchange, set for the write, then for the reply.
+        let timed_out = || LinkError::Timeout(config.reply_timeout.as_secs_f64());
+        let timer = tokio::time::sleep(config.reply_timeout);
+        tokio::pin!(timer);
+        tokio::select! {
+            biased;
+            r = stream.write_all(&bytes) => r.map_err(|e| down(&format!("write: {e}")))?,
+            () = &mut timer => return Err(timed_out()),
         }
+        let on_wire = self.opener.wire_time(bytes.len());
+        self.sent_until = Some(Instant::now() + on_wire);
         if !expect_reply && !config.echo {
             return Ok(Vec::new());
         }
-        let deadline = tokio::time::Instant::now() + config.reply_timeout;
+        // The reply time counts from when the command has left the wire.
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + on_wire + config.reply_timeout);
         let mut lines = Vec::new();
         let mut echo_pending = config.echo;
         loop {
-            let line = match tokio::time::timeout_at(deadline, self.read_line(config)).await {
-                Err(_) => return Err(LinkError::Timeout(config.reply_timeout.as_secs_f64())),
-                Ok(r) => r?,
+            let line = tokio::select! {
+                biased;
+                r = self.read_line(config) => r?,
+                () = &mut timer => return Err(timed_out()),
             };
             if echo_pending && line.trim() == command.trim() {
                 echo_pending = false;
@@ -333,8 +393,11 @@ impl SerialLink {
         }
     }
 
-    /// Discards what the device sent before this command (late or unsolicited lines).
-    async fn drain(&mut self) -> Result<(), LinkError> {
+    /// Discards what the device sent before this command (late or unsolicited
+    /// lines): whatever has arrived by now. It reads without waiting and sets
+    /// no timer: tokio's timers tick in whole milliseconds, so even a zero
+    /// timeout would hold every command up to the next tick.
+    fn drain(&mut self) -> Result<(), LinkError> {
         self.buffer.clear();
         let Some(stream) = self.stream.as_mut() else {
             return Ok(());
@@ -342,11 +405,30 @@ impl SerialLink {
         let mut scratch = [0u8; 1024];
         let mut discarded = 0;
         loop {
-            // A zero timeout still polls once: whatever is already there is read.
-            match tokio::time::timeout(Duration::ZERO, stream.read(&mut scratch)).await {
-                Err(_) => return Ok(()),
-                Ok(Ok(0)) => return Err(down("the device closed the link")),
-                Ok(Ok(n)) => {
+            let read = match stream {
+                LinkStream::Pipe(pipe) => match pipe.read(&mut scratch).now_or_never() {
+                    Some(r) => r,
+                    None => return Ok(()),
+                },
+                // When tokio believes the port readable, a read through it:
+                // finding nothing, it learns that the port is not, and the
+                // reply's first read waits without a futile read of its own.
+                LinkStream::Port(port) if port.readable().now_or_never().is_some() => {
+                    match port.read(&mut scratch).now_or_never() {
+                        Some(r) => r,
+                        None => return Ok(()),
+                    }
+                }
+                // Otherwise from the OS buffer directly: tokio's readiness
+                // lags behind bytes its reactor has not seen yet.
+                LinkStream::Port(port) => match port.try_read(&mut scratch) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    r => r,
+                },
+            };
+            match read {
+                Ok(0) => return Err(down("the device closed the link")),
+                Ok(n) => {
                     discarded += n;
                     if discarded > MAX_DRAIN {
                         return Err(LinkError::Malformed(
@@ -354,7 +436,7 @@ impl SerialLink {
                         ));
                     }
                 }
-                Ok(Err(e)) => return Err(down(&format!("read: {e}"))),
+                Err(e) => return Err(down(&format!("read: {e}"))),
             }
         }
     }
@@ -365,8 +447,8 @@ impl SerialLink {
             if !terminator.is_empty()
                 && let Some(i) = find(&self.buffer, terminator)
             {
-                let line: Vec<u8> = self.buffer.drain(..i + terminator.len()).collect();
-                let text = String::from_utf8_lossy(&line[..i]).to_string();
+                let text = String::from_utf8_lossy(&self.buffer[..i]).into_owned();
+                self.buffer.drain(..i + terminator.len());
                 return Ok(text);
             }
             if self.buffer.len() > MAX_LINE {
@@ -376,10 +458,11 @@ impl SerialLink {
                 )));
             }
             let stream = self.stream.as_mut().ok_or_else(|| down("closed"))?;
-            let mut scratch = [0u8; 512];
-            match stream.read(&mut scratch).await {
+            // Straight into the buffer's spare room (no copy, no zeroing).
+            self.buffer.reserve(512);
+            match stream.read_buf(&mut self.buffer).await {
                 Ok(0) => return Err(down("the device closed the link")),
-                Ok(n) => self.buffer.extend_from_slice(&scratch[..n]),
+                Ok(_) => {}
                 Err(e) => return Err(down(&format!("read: {e}"))),
             }
         }
@@ -471,6 +554,135 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r, vec!["A", "ok"]);
+    }
+
+    #[tokio::test]
+    async fn an_exchange_given_up_never_lends_its_reply() {
+        // Each connection on its own: `SLOW` is answered late, `Q` at once.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<DuplexStream>();
+        let opener = Opener::Pipe(Arc::new(move || {
+            let (a, b) = tokio::io::duplex(1024);
+            tx.send(b).map_err(|_| io::Error::other("device gone"))?;
+            Ok(a)
+        }));
+        tokio::spawn(async move {
+            while let Some(stream) = rx.recv().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = tokio::io::split(stream);
+                    let mut lines = tokio::io::BufReader::new(read).split(b'\r');
+                    while let Ok(Some(line)) = lines.next_segment().await {
+                        let reply = match line.as_slice() {
+                            b"SLOW" => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                "LATE\r\n"
+                            }
+                            b"Q" => "V\r\n",
+                            _ => continue,
+                        };
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let mut link = SerialLink::new(opener);
+        let first = |_: &str| true;
+        let config = config();
+        // The caller gives up long before the reply (its own timeout).
+        let slow = link.exchange(&config, "SLOW", true, &first);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), slow)
+                .await
+                .is_err()
+        );
+        // At once: the late reply comes after this command has been sent.
+        let r = link.exchange(&config, "Q", true, &first).await;
+        assert_eq!(r, Ok(vec!["V".to_string()]));
+    }
+
+    /// Plays the device on `device`: unsolicited lines first, then, once the
+    /// link has sent `Q`, the answer. The link must read only the answer.
+    async fn unread_input_is_discarded(
+        mut link: SerialLink,
+        mut device: impl AsyncRead + AsyncWrite + Unpin,
+    ) {
+        link.open().unwrap();
+        device.write_all(b"NOISE\r\nok\r\n").await.unwrap();
+        // Let the bytes reach the link's side (and tokio's reactor, or not).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let answer = async {
+            let mut command = Vec::new();
+            while !command.ends_with(b"\r") {
+                let mut b = [0u8; 16];
+                let n = device.read(&mut b).await.unwrap();
+                command.extend_from_slice(&b[..n]);
+            }
+            assert_eq!(command, b"Q\r");
+            device.write_all(b"V:1\r\n").await.unwrap();
+            device
+        };
+        let first_v = |l: &str| l.starts_with('V');
+        let config = config();
+        let exchange = link.exchange(&config, "Q", true, &first_v);
+        let (r, _device) = tokio::join!(exchange, answer);
+        assert_eq!(r.unwrap(), vec!["V:1"]);
+    }
+
+    #[tokio::test]
+    async fn unread_input_on_a_pipe_is_discarded_before_a_command() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let theirs = std::sync::Mutex::new(Some(theirs));
+        let opener = Opener::Pipe(Arc::new(move || {
+            theirs
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| io::Error::other("once"))
+        }));
+        unread_input_is_discarded(SerialLink::new(opener), ours).await;
+    }
+
+    #[tokio::test]
+    async fn unread_input_on_a_port_is_discarded_before_a_command() {
+        let (master, slave) = SerialStream::pair().unwrap();
+        let link = SerialLink::new(Opener::Port {
+            path: slave.name().unwrap(),
+            settings: SerialSettings {
+                baud: 9600,
+                data_bits: 8,
+                parity: Parity::None,
+                stop_bits: 1,
+                flow_control: FlowControl::None,
+            },
+        });
+        unread_input_is_discarded(link, master).await;
+        drop(slave);
+    }
+
+    #[test]
+    fn commands_take_their_wire_time() {
+        let port = |baud, parity, stop_bits| Opener::Port {
+            path: "/dev/null".into(),
+            settings: SerialSettings {
+                baud,
+                data_bits: 8,
+                parity,
+                stop_bits,
+                flow_control: FlowControl::None,
+            },
+        };
+        // 8N1: 10 bits a character; 8E1 and 8N2: 11.
+        let t = port(115_200, Parity::None, 1).wire_time(9);
+        assert!((t.as_secs_f64() - 90.0 / 115_200.0).abs() < 1e-9, "{t:?}");
+        let t = port(9600, Parity::Even, 1).wire_time(8);
+        assert!((t.as_secs_f64() - 88.0 / 9600.0).abs() < 1e-9, "{t:?}");
+        assert_eq!(
+            port(19_200, Parity::None, 2).wire_time(8),
+            port(19_200, Parity::Even, 1).wire_time(8)
+        );
+        let pipe = Opener::Pipe(Arc::new(|| Err(io::Error::other("none"))));
+        assert_eq!(pipe.wire_time(100), Duration::ZERO);
     }
 
     #[tokio::test]

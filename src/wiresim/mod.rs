@@ -25,7 +25,7 @@ pub mod physics;
 pub mod serial;
 
 pub use host::{PtyHost, TcpHost};
-pub use modbus::{ModbusBus, ModbusUnit};
+pub use modbus::{LinePacing, ModbusBus, ModbusUnit};
 pub use physics::{
     BioreactorPart, DevicePhysics, NoPhysics, PartRole, Physics, part_physics, physics_for,
 };
@@ -199,6 +199,15 @@ pub fn serve_modbus_in_process(
     let bus = Arc::new(bus);
     let stream = bus.connect()?;
     Ok((bus, stream))
+}
+
+/// Waits out a simulated instrument's reply delay. No delay sets no timer:
+/// tokio's timers tick in whole milliseconds, so even a zero-length sleep
+/// would hold the reply until the next tick.
+pub(crate) async fn reply_after(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// Bytes that are not a reply, as a confused instrument or a noisy line sends.

@@ -22,9 +22,12 @@
 //!   model's safe state, for registers only `safe_state` writes).
 //!
 //! Any other address is exception 02.
+//!
+//! RTU can be served at the speed of a real line ([`ModbusBus::pace_rtu`],
+//! off by default), for measuring what a bus scheduler achieves at a baud rate.
 
 use super::physics::Physics;
-use super::{Fault, FaultHandle, PIPE_BYTES, garbage};
+use super::{Fault, FaultHandle, PIPE_BYTES, garbage, reply_after};
 use crate::profile::codec::{DataType, Encoding, RegisterKind, WordOrder};
 use crate::profile::expr::{Scope, Template};
 use crate::profile::{LinkDef, Profile, StepDef};
@@ -36,6 +39,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Largest RTU frame (address + PDU + CRC).
@@ -794,12 +798,94 @@ pub enum Answer {
     Corrupt(Vec<u8>),
 }
 
+/// The timing of a real RS-485 line at a baud rate, for serving RTU as slowly
+/// as the line would carry it (see [`ModbusBus::pace_rtu`]). A PTY or a pipe
+/// carries bytes as fast as they are written, whatever the baud rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinePacing {
+    /// Bits per second (at least 1).
+    pub baud: u32,
+    /// Bits per character on the wire: start + data + parity + stop bits
+    /// (11 for 8E1 or 8N2, 10 for 8N1).
+    pub bits_per_char: u32,
+}
+
+impl LinePacing {
+    pub fn new(baud: u32, bits_per_char: u32) -> Self {
+        LinePacing {
+            baud: baud.max(1),
+            bits_per_char: bits_per_char.max(1),
+        }
+    }
+
+    /// Time one character takes on the wire.
+    pub fn char_time(&self) -> Duration {
+        self.frame_time(1)
+    }
+
+    /// Time `chars` characters take on the wire, back to back.
+    pub fn frame_time(&self, chars: usize) -> Duration {
+        let bits = chars as u128 * u128::from(self.bits_per_char);
+        let nanos = bits * 1_000_000_000 / u128::from(self.baud.max(1));
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    /// The silence that ends a frame, t3.5: 3.5 character times, and a fixed
+    /// 1.75 ms above 19200 baud (Modbus over serial line v1.02, 2.5.1.1).
+    pub fn t35(&self) -> Duration {
+        if self.baud > 19_200 {
+            Duration::from_micros(1750)
+        } else {
+            self.frame_time(7) / 2
+        }
+    }
+
+    /// Wire time of one request/reply exchange: both frames, each followed
+    /// by t3.5 of silence.
+    pub fn exchange_time(&self, request: usize, reply: usize) -> Duration {
+        self.frame_time(request + reply) + 2 * self.t35()
+    }
+}
+
+/// Writes `bytes` no faster than the line carries them: byte `i` not before
+/// `start` + (i + 1) character times. Bytes already due are written together
+/// (tokio's timers tick in milliseconds), so lateness does not add up.
+/// Returns when the last byte would have left the wire.
+async fn write_paced<S>(
+    stream: &mut S,
+    bytes: &[u8],
+    pacing: LinePacing,
+    start: Instant,
+) -> io::Result<Instant>
+where
+    S: AsyncWrite + Unpin,
+{
+    let mut sent = 0;
+    while sent < bytes.len() {
+        let elapsed = Instant::now().saturating_duration_since(start);
+        let char_ns = pacing.char_time().as_nanos().max(1);
+        let due = usize::try_from(elapsed.as_nanos() / char_ns)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        if due > sent {
+            stream.write_all(&bytes[sent..due]).await?;
+            stream.flush().await?;
+            sent = due;
+        } else {
+            tokio::time::sleep_until(start + pacing.frame_time(sent + 1)).await;
+        }
+    }
+    Ok(start + pacing.frame_time(bytes.len()))
+}
+
 /// The units on one RS-485 line (or behind one Modbus TCP server).
 pub struct ModbusBus {
     units: IndexMap<u8, Arc<ModbusUnit>>,
     faults: FaultHandle,
     shutdown: CancellationToken,
     requests: AtomicU64,
+    /// RTU served at a line's speed; `None` (the default): as fast as written.
+    pacing: Option<LinePacing>,
 }
 
 impl Default for ModbusBus {
@@ -815,7 +901,24 @@ impl ModbusBus {
             faults: FaultHandle::new(),
             shutdown: CancellationToken::new(),
             requests: AtomicU64::new(0),
+            pacing: None,
         }
+    }
+
+    /// Serves RTU at the speed of a real line (off by default; Modbus TCP is
+    /// never paced). A request counts as on the wire from its first byte's
+    /// arrival, or from when the line is quiet again if that is later; the
+    /// bus answers t3.5 after the request's last byte would have arrived
+    /// (plus the unit's reply delay), writes the reply one character time
+    /// per byte, and the line is quiet again t3.5 after the reply. One
+    /// exchange of an `n`-byte request and an `m`-byte reply thus takes
+    /// [`LinePacing::exchange_time`]`(n, m)` at least.
+    pub fn pace_rtu(&mut self, pacing: Option<LinePacing>) {
+        self.pacing = pacing;
+    }
+
+    pub fn rtu_pacing(&self) -> Option<LinePacing> {
+        self.pacing
     }
 
     /// Puts a unit on the bus at `unit_id` (replacing one already there).
@@ -890,7 +993,7 @@ impl ModbusBus {
             Some(Fault::Exception(code)) => Answer::Pdu(exception(function, code)),
             Some(Fault::Busy) => Answer::Pdu(exception(function, BUSY)),
         };
-        tokio::time::sleep(delay).await;
+        reply_after(delay).await;
         answer
     }
 
@@ -929,7 +1032,8 @@ impl ModbusBus {
     /// Serves RTU frames from `stream` until it closes, `cancel` fires or the
     /// bus is unplugged. Bytes that are not a frame are skipped one at a time
     /// until a frame's CRC matches; an incomplete frame is dropped after
-    /// [`RTU_SILENCE`] of silence.
+    /// [`RTU_SILENCE`] of silence. Replies are written at once, or at the
+    /// line's speed after [`ModbusBus::pace_rtu`].
     pub async fn serve_rtu<S>(&self, stream: S, cancel: CancellationToken) -> io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -950,7 +1054,14 @@ impl ModbusBus {
     {
         let mut buf: Vec<u8> = Vec::new();
         let mut scratch = [0u8; 512];
+        // Pacing: when the bytes now in `buf` started to arrive, and when the
+        // line is quiet again after the last reply.
+        let mut first_byte: Option<Instant> = None;
+        let mut line_free = Instant::now();
         loop {
+            if buf.is_empty() {
+                first_byte = None;
+            }
             let read = async {
                 if buf.is_empty() {
                     Some(stream.read(&mut scratch).await)
@@ -975,6 +1086,7 @@ impl ModbusBus {
                     if n == 0 {
                         return Ok(());
                     }
+                    first_byte.get_or_insert_with(Instant::now);
                     buf.extend_from_slice(&scratch[..n]);
                 }
             }
@@ -986,13 +1098,31 @@ impl ModbusBus {
                     }
                     Parsed::Frame { unit, pdu, len, .. } => {
                         buf.drain(..len);
-                        let answer = tokio::select! {
+                        // Paced: the unit hears the end of the request t3.5
+                        // after its last byte would have arrived.
+                        let heard = self.pacing.map(|p| {
+                            let start = first_byte.unwrap_or_else(Instant::now).max(line_free);
+                            (p, start + p.frame_time(len) + p.t35())
+                        });
+                        let (answer, took) = tokio::select! {
                             _ = cancel.cancelled() => return Ok(()),
                             _ = disconnects.changed() => return Ok(()),
-                            a = self.answer(unit, &pdu, false) => a,
+                            a = async {
+                                if let Some((_, at)) = heard {
+                                    tokio::time::sleep_until(at).await;
+                                }
+                                let asked = Instant::now();
+                                let answer = self.answer(unit, &pdu, false).await;
+                                (answer, asked.elapsed())
+                            } => a,
                         };
                         let bytes = match answer {
-                            Answer::Silent => continue,
+                            Answer::Silent => {
+                                if let Some((_, at)) = heard {
+                                    line_free = at;
+                                }
+                                continue;
+                            }
                             Answer::Pdu(p) => rtu_frame(unit, &p),
                             Answer::Garbage(g) => g,
                             Answer::Corrupt(p) => {
@@ -1003,8 +1133,24 @@ impl ModbusBus {
                                 f
                             }
                         };
-                        stream.write_all(&bytes).await?;
-                        stream.flush().await?;
+                        match heard {
+                            Some((pacing, at)) => {
+                                // From when the reply is due on the line, not
+                                // from when the timer fired: lateness of
+                                // tokio's millisecond timers does not add up.
+                                let start = at + took;
+                                let end = tokio::select! {
+                                    _ = cancel.cancelled() => return Ok(()),
+                                    _ = disconnects.changed() => return Ok(()),
+                                    r = write_paced(&mut stream, &bytes, pacing, start) => r?,
+                                };
+                                line_free = end + pacing.t35();
+                            }
+                            None => {
+                                stream.write_all(&bytes).await?;
+                                stream.flush().await?;
+                            }
+                        }
                     }
                 }
             }
@@ -1318,6 +1464,77 @@ steps = [{ write = 273, value = 1 }]
         );
         tc.write(273, &[1]).await.unwrap();
         assert_eq!(tc.read(RegisterKind::Holding, 273, 1).await.unwrap(), [1]);
+    }
+
+    #[test]
+    fn line_pacing_times() {
+        let p = LinePacing::new(19_200, 11);
+        assert_eq!(p.char_time(), Duration::from_nanos(572_916));
+        // t3.5 is 3.5 characters up to 19200 baud and 1.75 ms above.
+        assert_eq!(p.t35(), Duration::from_nanos(2_005_208));
+        assert_eq!(
+            LinePacing::new(115_200, 11).t35(),
+            Duration::from_micros(1750)
+        );
+        // A 10-register read: 8-byte request, 25-byte reply, 22.9 ms with
+        // the gaps (as in the Modbus timing table of the reference notes).
+        let ms = p.exchange_time(8, 25).as_secs_f64() * 1e3;
+        assert!((ms - 22.9).abs() < 0.05, "{ms}");
+        assert_eq!(LinePacing::new(0, 0), LinePacing::new(1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_rtu_takes_the_line_time() {
+        let request = rtu_frame(4, &[3, 0x08, 0x29, 0, 10]);
+        let mut bus = ModbusBus::new();
+        bus.add(4, unit(SENSOR, DeviceKind::Sensor, Clock::new(1.0)));
+        // Off by default: the reply comes at once.
+        assert_eq!(bus.rtu_pacing(), None);
+        let bus = Arc::new(bus);
+        let mut s = bus.connect_rtu().unwrap();
+        let t0 = Instant::now();
+        exchange(&mut s, &request, 25).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+
+        let mut bus = ModbusBus::new();
+        bus.add(4, unit(SENSOR, DeviceKind::Sensor, Clock::new(1.0)));
+        let line = LinePacing::new(19_200, 11);
+        bus.pace_rtu(Some(line));
+        let bus = Arc::new(bus);
+        let mut s = bus.connect_rtu().unwrap();
+        let slack = Duration::from_millis(2);
+        let t0 = Instant::now();
+        s.write_all(&request).await.unwrap();
+        // The request's 8 bytes and t3.5 pass before the first reply byte,
+        // and the reply comes a few bytes at a time.
+        let mut reply = vec![0u8; 25];
+        let n = s.read(&mut reply).await.unwrap();
+        let first = line.frame_time(8) + line.t35() + line.char_time();
+        assert!(n < 25, "{n} bytes at once");
+        assert!(
+            (first..first + slack).contains(&t0.elapsed()),
+            "{:?}",
+            t0.elapsed()
+        );
+        s.read_exact(&mut reply[n..]).await.unwrap();
+        let end = line.frame_time(8 + 25) + line.t35();
+        assert!(
+            (end..end + slack).contains(&t0.elapsed()),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(reply[..3], [4, 3, 20]);
+        assert_eq!(crc16(&reply[..23]).to_le_bytes(), reply[23..]);
+        // A request sent at once waits for t3.5 of silence after the reply:
+        // each exchange takes the whole wire time.
+        let r = exchange(&mut s, &request, 25).await;
+        assert_eq!(crc16(&r[..23]).to_le_bytes(), r[23..]);
+        let end = line.exchange_time(8, 25) + line.frame_time(8 + 25) + line.t35();
+        assert!(
+            (end..end + slack).contains(&t0.elapsed()),
+            "{:?}",
+            t0.elapsed()
+        );
     }
 
     async fn exchange(s: &mut DuplexStream, frame: &[u8], reply_len: usize) -> Vec<u8> {

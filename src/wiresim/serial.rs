@@ -32,7 +32,7 @@
 
 use super::gcode::{self, GcodeMachine};
 use super::physics::Physics;
-use super::{Fault, FaultHandle, PIPE_BYTES, garbage};
+use super::{Fault, FaultHandle, PIPE_BYTES, garbage, reply_after};
 use crate::clock::Clock;
 use crate::profile::expr::{Scope, Template};
 use crate::profile::{LinkDef, Profile, RespondRule, SerialLinkDef};
@@ -242,7 +242,7 @@ impl SerialSimulator {
                 return Vec::new();
             }
             Some(Fault::Garbage | Fault::Corrupt) => {
-                tokio::time::sleep(delay).await;
+                reply_after(delay).await;
                 let mut bytes = garbage(n);
                 bytes.extend_from_slice(terminator.as_bytes());
                 return bytes;
@@ -262,7 +262,7 @@ impl SerialSimulator {
                     lines.push(request.to_string());
                 }
                 lines.extend(busy);
-                tokio::time::sleep(delay).await;
+                reply_after(delay).await;
                 return join(&lines, &terminator);
             }
             Some(Fault::Slow(extra)) => tokio::time::sleep(extra).await,
@@ -276,7 +276,7 @@ impl SerialSimulator {
             lines.push(request.to_string());
         }
         lines.extend(reply.unwrap_or_default());
-        tokio::time::sleep(delay).await;
+        reply_after(delay).await;
         join(&lines, &terminator)
     }
 
