@@ -181,6 +181,21 @@ struct SimProcess {
     child: Child,
 }
 
+/// The process's standard output, line by line, on a channel (so waits on it
+/// can be bounded).
+fn stdout_lines(sim: &mut SimProcess) -> std::sync::mpsc::Receiver<String> {
+    let stdout = sim.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 impl Drop for SimProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -219,15 +234,7 @@ fn start_sim(dir: &Path, speed: u32) -> (SimProcess, String, std::sync::mpsc::Re
             .unwrap(),
     };
     // Wait (bounded) for the simulators to be up.
-    let stdout = sim.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = stdout_lines(&mut sim);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let line = rx
@@ -298,15 +305,7 @@ fn sim_serves_one_profile_at_a_requested_path() {
             .spawn()
             .unwrap(),
     };
-    let stdout = sim.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = stdout_lines(&mut sim);
     let first = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("sim did not start");

@@ -135,6 +135,37 @@ impl Run {
         }
     }
 
+    /// Waits for the run to be held and gives the reason it carries.
+    async fn held_reason(&mut self) -> String {
+        let held = self
+            .until(Duration::from_secs(60), |e| {
+                matches!(
+                    &e.kind,
+                    EventKind::RunState {
+                        state: RunState::Held,
+                        ..
+                    }
+                )
+            })
+            .await;
+        match held.kind {
+            EventKind::RunState { reason, .. } => reason.unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    /// Follows the run until step `step` has recorded its `n`th sample.
+    async fn until_samples(&mut self, step: &str, n: usize) {
+        let mut seen = 0;
+        self.until(Duration::from_secs(60), |e| {
+            if matches!(&e.kind, EventKind::Sample { source, .. } if source == step) {
+                seen += 1;
+            }
+            seen == n
+        })
+        .await;
+    }
+
     async fn finish(mut self, limit: Duration) -> (RunReport, Vec<Event>) {
         self.until(
             limit,
@@ -266,14 +297,7 @@ async fn transient(name: &str, target: &str, fault: Fault, times: Times, step: &
     let mut run = start(&b, report, quick_retries());
     run.handle.command(RunCommand::Start, "test").await.unwrap();
     // In the middle of the run: after the second sample of the step.
-    let mut seen = 0;
-    run.until(Duration::from_secs(60), |e| {
-        if matches!(&e.kind, EventKind::Sample { source, .. } if source == step) {
-            seen += 1;
-        }
-        seen == 2
-    })
-    .await;
+    run.until_samples(step, 2).await;
     b.workcell.inject(target, fault, times).unwrap();
     let (report, events) = run.finish(Duration::from_secs(120)).await;
     assert_eq!(
@@ -366,14 +390,7 @@ async fn an_rs485_adapter_unplugged_for_two_seconds_comes_back() {
     let report = checked(&b, SAMPLING);
     let mut run = start(&b, report, quick_retries());
     run.handle.command(RunCommand::Start, "test").await.unwrap();
-    let mut seen = 0;
-    run.until(Duration::from_secs(60), |e| {
-        if matches!(&e.kind, EventKind::Sample { source, .. } if source == "br_samples") {
-            seen += 1;
-        }
-        seen == 2
-    })
-    .await;
+    run.until_samples("br_samples", 2).await;
     b.workcell
         .inject(
             &line,
@@ -444,21 +461,7 @@ async fn an_instrument_that_stops_answering_holds_the_run_with_the_reason_until_
     b.workcell
         .inject("inc1", Fault::NoReply, Times::UntilCleared)
         .unwrap();
-    let held = run
-        .until(Duration::from_secs(60), |e| {
-            matches!(
-                &e.kind,
-                EventKind::RunState {
-                    state: RunState::Held,
-                    ..
-                }
-            )
-        })
-        .await;
-    let EventKind::RunState { reason, .. } = &held.kind else {
-        unreachable!()
-    };
-    let reason = reason.clone().unwrap_or_default();
+    let reason = run.held_reason().await;
     assert!(
         reason.contains("inc1") && reason.contains("did not answer"),
         "the held reason names the device and the fault: {reason}"
@@ -494,21 +497,7 @@ async fn a_modbus_exception_holds_the_run_naming_it() {
     b.workcell
         .inject("br1.ph", Fault::Exception(4), Times::UntilCleared)
         .unwrap();
-    let held = run
-        .until(Duration::from_secs(60), |e| {
-            matches!(
-                &e.kind,
-                EventKind::RunState {
-                    state: RunState::Held,
-                    ..
-                }
-            )
-        })
-        .await;
-    let EventKind::RunState { reason, .. } = &held.kind else {
-        unreachable!()
-    };
-    let reason = reason.clone().unwrap_or_default();
+    let reason = run.held_reason().await;
     assert!(reason.contains("exception 04"), "{reason}");
     b.workcell.clear("br1.ph").unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -599,14 +588,7 @@ async fn a_usb_serial_instrument_unplugged_mid_run_comes_back_and_the_run_goes_o
     let report = checked(&b, SAMPLING);
     let mut run = start(&b, report, quick_retries());
     run.handle.command(RunCommand::Start, "test").await.unwrap();
-    let mut seen = 0;
-    run.until(Duration::from_secs(60), |e| {
-        if matches!(&e.kind, EventKind::Sample { source, .. } if source == "tm_samples") {
-            seen += 1;
-        }
-        seen == 2
-    })
-    .await;
+    run.until_samples("tm_samples", 2).await;
     // The module's pseudo-terminal disappears and comes back at the same path
     // after 2 s, as a re-enumerated USB device does.
     b.workcell
