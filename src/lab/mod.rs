@@ -706,3 +706,103 @@ impl crate::validate::DeviceLimits for LabLimits<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str =
+        "format = \"biofoundry.lab/1\"\n[controller]\nsite = \"s\"\ncell = \"c\"\nid = \"x\"\n";
+
+    /// Every error of a lab body: (code, message).
+    fn errors(body: &str) -> Vec<(&'static str, String)> {
+        let (_, d) = parse(SourceFile::new(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/t.toml"),
+            format!("{HEAD}{body}"),
+        ));
+        d.into_iter()
+            .filter(|d| d.is_error())
+            .map(|d| (d.code, d.message))
+            .collect()
+    }
+
+    fn has(body: &str, code: &str, text: &str) {
+        let e = errors(body);
+        assert!(
+            e.iter().any(|(c, m)| *c == code && m.contains(text)),
+            "expected {code} `{text}` in {e:?}"
+        );
+    }
+
+    #[test]
+    fn a_good_lab_has_no_errors() {
+        let body = "[simulation]\nspeed = 10\n[[device]]\nid = \"tm1\"\nprofile = \"opentrons-temperature-module\"\ntransport = \"sim://\"\n";
+        assert!(errors(body).is_empty(), "{:?}", errors(body));
+    }
+
+    #[test]
+    fn every_mistake_is_reported() {
+        let tm = "profile = \"opentrons-temperature-module\"\n";
+        has(
+            &format!(
+                "[[device]]\nid = \"a\"\n{tm}transport = \"sim://\"\n[[device]]\nid = \"a\"\n{tm}transport = \"sim://\"\n"
+            ),
+            "duplicate-id",
+            "declared twice",
+        );
+        has(
+            &format!("[[device]]\nid = \"a b\"\n{tm}transport = \"sim://\"\n"),
+            "bad-id",
+            "not a device id",
+        );
+        has(
+            &format!("[[device]]\nid = \"a\"\n{tm}transport = \"ftp://x\"\n"),
+            "bad-transport",
+            "unknown transport",
+        );
+        has(
+            &format!("[[device]]\nid = \"a\"\n{tm}"),
+            "incomplete-device",
+            "needs a `profile` and a `transport`",
+        );
+        has(
+            &format!("[[device]]\nid = \"a\"\nkind = \"incubator\"\n{tm}transport = \"sim://\"\n"),
+            "kind-mismatch",
+            "not an incubator",
+        );
+        has(
+            &format!(
+                "[[device]]\nid = \"a\"\n{tm}transport = \"sim://\"\nsettings = {{ gain = 2.0 }}\n"
+            ),
+            "unknown-setting",
+            "no setting `gain`",
+        );
+        has(
+            "[[device]]\nid = \"br\"\nkind = \"bioreactor\"\n[device.parts.colour]\nprofile = \"hamilton-arc-ph\"\ntransport = \"sim://\"\n",
+            "unknown-part",
+            "no part `colour`",
+        );
+        has(
+            "[[device]]\nid = \"br\"\nkind = \"bioreactor\"\n[device.parts.feed]\nprofile = \"hamilton-arc-ph\"\ntransport = \"sim://\"\n",
+            "part-mismatch",
+            "must be a pump",
+        );
+        has(
+            "[[device]]\nid = \"br\"\nkind = \"bioreactor\"\n",
+            "no-parts",
+            "has no parts",
+        );
+        has(
+            "[[device]]\nid = \"p\"\nprofile = \"hamilton-arc-ph\"\ntransport = \"modbus-rtu:///dev/x?baud=9600&unit=1\"\n\
+             [[device]]\nid = \"d\"\nprofile = \"hamilton-visiferm-do\"\ntransport = \"modbus-rtu:///dev/x?baud=19200&unit=2\"\n",
+            "line-settings",
+            "/dev/x is used at",
+        );
+        has(
+            "[simulation]\nspeed = 0\n",
+            "bad-speed",
+            "not a clock speed",
+        );
+        has("[controler]\n", "lab-syntax", "unknown field");
+    }
+}
