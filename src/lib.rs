@@ -32,6 +32,7 @@ pub mod device;
 pub mod diagnostics;
 pub mod driver;
 pub mod lab;
+pub mod mqtt;
 pub mod labware;
 pub mod plan;
 pub mod profile;

@@ -1,0 +1,1 @@
+//! Commands from MES (placeholder).
