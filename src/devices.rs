@@ -1,21 +1,17 @@
 //! `biofoundry devices …`, `biofoundry sim` and the lab-file side of `check`.
 
 use crate::{Format, plural, print_json};
-use biofoundry::check::{CheckReport, check_source};
 use biofoundry::device::DeviceHandle;
 use biofoundry::diagnostics::{Diagnostic, render_human};
-use biofoundry::lab::{self, LabDevice, LabFile, LabLimits, SimBacking};
+use biofoundry::lab::{self, LabDevice, LabFile, SimBacking};
 use biofoundry::profile;
 use biofoundry::protocol::ParamOverride;
-use biofoundry::runtime::executor::{BindError, bind_roles};
 use biofoundry::source::SourceFile;
 use biofoundry::units::{Quantity, parse_quantity};
 use clap::{Args, Subcommand};
-use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Subcommand)]
@@ -111,64 +107,7 @@ pub fn load_lab(path: &Path) -> Result<Result<LabFile, ExitCode>, String> {
     }
 }
 
-/// `check --lab`: roles bound as a run binds them, each device's profile limits
-/// and abilities applied; a role that cannot be bound is an error at its declaration.
-pub fn check_with_lab(
-    source: SourceFile,
-    params: &[ParamOverride],
-    lab: &LabFile,
-    binds: &[(String, String)],
-) -> Result<CheckReport, String> {
-    let (parsed, _) = biofoundry::protocol::parse(Arc::new(source.clone()), params);
-    let mut roles: Vec<(String, biofoundry::catalogue::DeviceKind)> = parsed
-        .as_ref()
-        .map(|p| p.devices.iter().map(|(r, d)| (r.clone(), d.kind)).collect())
-        .unwrap_or_default();
-    let devices: Vec<_> = lab
-        .devices
-        .keys()
-        .filter_map(|id| lab.kind(id).map(|k| (id.clone(), k)))
-        .collect();
-    let mut problems = Vec::new();
-    let bindings = loop {
-        match bind_roles(&roles, &devices, binds) {
-            Ok(b) => break b,
-            Err(e) => {
-                let role = match &e {
-                    BindError::NoDevice { role, .. }
-                    | BindError::Ambiguous { role, .. }
-                    | BindError::UnknownDevice { role, .. }
-                    | BindError::WrongKind { role, .. }
-                    | BindError::UnknownRole { role } => role.clone(),
-                    BindError::Shared { second, .. } => second.clone(),
-                };
-                if let BindError::UnknownRole { .. } = e {
-                    return Err(e.to_string());
-                }
-                let span = parsed
-                    .as_ref()
-                    .and_then(|p| p.devices.get(&role))
-                    .map(|d| d.span)
-                    .unwrap_or_default();
-                problems.push(
-                    Diagnostic::error("unbound-role", span, e.to_string())
-                        .with_hint(format!("in lab {}", lab.file.display_path())),
-                );
-                roles.retain(|(r, _)| *r != role);
-            }
-        }
-    };
-    let limits = LabLimits {
-        lab,
-        bindings: bindings.into_iter().collect::<HashMap<_, _>>(),
-    };
-    let mut report = check_source(source, params, &limits);
-    report.diagnostics.extend(problems);
-    report
-        .diagnostics
-        .sort_by_key(|d| (d.span.start, d.severity));
-    Ok(report)
-}
+pub use biofoundry::lab::check_with_lab;
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()

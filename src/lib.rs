@@ -39,6 +39,7 @@ pub mod profile;
 pub mod protocol;
 pub mod runtime;
 pub mod schema;
+pub mod serve;
 pub mod sim;
 pub mod sinks;
 pub mod source;

@@ -114,6 +114,29 @@ enum Command {
     /// Serve simulators of a lab's instruments on pseudo-terminals and Modbus TCP
     /// ports, at the paths and ports the lab file names, until Ctrl-C.
     Sim(devices::SimArgs),
+    /// The workcell daemon: connects the lab's devices, publishes their telemetry
+    /// and every run to MQTT, and runs protocols started by MES (docs/mqtt.md).
+    /// Stops cleanly on SIGTERM or Ctrl-C.
+    Serve {
+        #[arg(long)]
+        lab: PathBuf,
+        /// Run a simulated lab's clock this many times faster (the lab file's
+        /// [simulation] speed otherwise).
+        #[arg(long)]
+        speed: Option<f64>,
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Run the MQTT broker that `serve` embeds, on its own (a workcell without a
+    /// broker, or a dashboard's broker); until killed.
+    #[cfg(feature = "embedded-broker")]
+    Broker {
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+        /// The address to listen on; loopback unless another host must reach it.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+    },
     /// Print the JSON Schema of the protocol format (for editor completion).
     Schema,
     /// List the built-in labware, or show one definition.
@@ -163,6 +186,17 @@ fn main() -> ExitCode {
         } => run::cmd_simulate(&file, &params, &pairs(&binds), seed, format == Format::Json),
         Command::Devices { command } => devices::cmd_devices(command),
         Command::Sim(args) => devices::cmd_sim(args),
+        Command::Serve {
+            lab,
+            speed,
+            log_format,
+        } => run::cmd_serve(&lab, speed, log_format == LogFormat::Json),
+        #[cfg(feature = "embedded-broker")]
+        Command::Broker { port, bind } => {
+            biofoundry::mqtt::broker::run_embedded(std::net::SocketAddr::new(bind, port))
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(|e| e.to_string())
+        }
         Command::Schema => {
             print_json(&biofoundry::schema::protocol_schema()).map(|_| ExitCode::SUCCESS)
         }

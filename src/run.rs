@@ -15,10 +15,14 @@ use std::path::Path;
 use std::process::ExitCode;
 
 fn init_logging(json: bool) {
+    init_logging_at(json, "warn")
+}
+
+fn init_logging_at(json: bool, default: &str) {
     use tracing_subscriber::EnvFilter;
     // The console shows the run (progress or event lines); logs stay quiet
     // unless RUST_LOG asks for them.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -358,5 +362,73 @@ fn print_summary(r: &RunReport) {
     }
     for f in &r.faults {
         println!("  fault: {f}");
+    }
+}
+
+pub fn cmd_serve(lab_path: &Path, speed: Option<f64>, json_logs: bool) -> Result<ExitCode, String> {
+    // A daemon's log is its console: connections, commands, runs.
+    init_logging_at(json_logs, "info,rumqttd=warn,rumqttc=warn");
+    let lab = match crate::devices::load_lab(lab_path)? {
+        Ok(lab) => lab,
+        Err(code) => return Ok(code),
+    };
+    let speed = match speed {
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            return Err(format!("--speed must be a positive number, not {s}"));
+        }
+        Some(s) if lab.all_simulated() => s,
+        Some(_) => 1.0,
+        None if lab.all_simulated() => lab.simulation_speed(),
+        None => 1.0,
+    };
+    let seed = lab
+        .doc
+        .simulation
+        .as_ref()
+        .map_or(1, |s| s.get_ref().seed);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let report = runtime.block_on(async move {
+        let mqtt = biofoundry::mqtt::start(&lab, true)?
+            .ok_or_else(|| "the lab file has no MQTT".to_string())?;
+        let options = biofoundry::serve::ServeOptions {
+            speed,
+            seed,
+            ..Default::default()
+        };
+        biofoundry::serve::serve(lab, mqtt, options, shutdown_signal()).await
+    })?;
+    tracing::info!(
+        "stopped: outbox {}, {} message{} kept for the next start",
+        if report.link.flushed { "flushed" } else { "not flushed" },
+        report.kept,
+        plural(report.kept as usize)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM (service managers) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -11,6 +11,9 @@ pub use build::{LabRuntime, SimBacking, connect_lab};
 pub use sim::{SimulatedWorkcell, parse_fault, serve_lab};
 
 use crate::catalogue::DeviceKind;
+use crate::check::{CheckReport, check_source};
+use crate::protocol::ParamOverride;
+use crate::runtime::executor::{BindError, bind_roles};
 use crate::diagnostics::{Diagnostic, did_you_mean};
 use crate::profile::{self, Profile};
 use crate::source::{SourceFile, Span};
@@ -705,6 +708,65 @@ impl crate::validate::DeviceLimits for LabLimits<'_> {
             }
         }
     }
+}
+
+/// `check --lab`: roles bound as a run binds them, each device's profile limits
+/// and abilities applied; a role that cannot be bound is an error at its declaration.
+pub fn check_with_lab(
+    source: SourceFile,
+    params: &[ParamOverride],
+    lab: &LabFile,
+    binds: &[(String, String)],
+) -> Result<CheckReport, String> {
+    let (parsed, _) = crate::protocol::parse(Arc::new(source.clone()), params);
+    let mut roles: Vec<(String, crate::catalogue::DeviceKind)> = parsed
+        .as_ref()
+        .map(|p| p.devices.iter().map(|(r, d)| (r.clone(), d.kind)).collect())
+        .unwrap_or_default();
+    let devices: Vec<_> = lab
+        .devices
+        .keys()
+        .filter_map(|id| lab.kind(id).map(|k| (id.clone(), k)))
+        .collect();
+    let mut problems = Vec::new();
+    let bindings = loop {
+        match bind_roles(&roles, &devices, binds) {
+            Ok(b) => break b,
+            Err(e) => {
+                let role = match &e {
+                    BindError::NoDevice { role, .. }
+                    | BindError::Ambiguous { role, .. }
+                    | BindError::UnknownDevice { role, .. }
+                    | BindError::WrongKind { role, .. }
+                    | BindError::UnknownRole { role } => role.clone(),
+                    BindError::Shared { second, .. } => second.clone(),
+                };
+                if let BindError::UnknownRole { .. } = e {
+                    return Err(e.to_string());
+                }
+                let span = parsed
+                    .as_ref()
+                    .and_then(|p| p.devices.get(&role))
+                    .map(|d| d.span)
+                    .unwrap_or_default();
+                problems.push(
+                    Diagnostic::error("unbound-role", span, e.to_string())
+                        .with_hint(format!("in lab {}", lab.file.display_path())),
+                );
+                roles.retain(|(r, _)| *r != role);
+            }
+        }
+    };
+    let limits = LabLimits {
+        lab,
+        bindings: bindings.into_iter().collect::<HashMap<_, _>>(),
+    };
+    let mut report = check_source(source, params, &limits);
+    report.diagnostics.extend(problems);
+    report
+        .diagnostics
+        .sort_by_key(|d| (d.span.start, d.severity));
+    Ok(report)
 }
 
 #[cfg(test)]

@@ -1,0 +1,544 @@
+//! The payloads of docs/mqtt.md, written to the outbox (which numbers them
+//! with `seq`) and handed to the link. Everything a sink or `serve` publishes
+//! goes through here, so the outbox's bound and its alarm apply to all of it.
+
+use super::outbox::{Appended, Body, Class, NewMessage, Outbox, OutboxError, OutboxReader};
+use super::topics::Topics;
+use crate::device::DeviceState;
+use crate::runtime::events::StepPhase;
+use crate::units::Quantity;
+use serde_json::{Map, Value, json};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+/// The alarm raised while the outbox is at its bound.
+pub const OUTBOX_FULL_ALARM: &str = "outbox-full";
+
+/// RFC 3339, UTC, milliseconds: the `ts` of every payload.
+pub fn timestamp(unix_ms: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(unix_ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Device states as MES sees them: `ready`, `busy`, `fault`, `offline`.
+pub fn device_state_name(state: DeviceState) -> &'static str {
+    match state {
+        DeviceState::Ready => "ready",
+        DeviceState::Busy => "busy",
+        DeviceState::Fault => "fault",
+        DeviceState::Disconnected | DeviceState::Connecting => "offline",
+    }
+}
+
+/// A command's outcome on `cmd_result`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmdStatus {
+    Accepted,
+    Rejected,
+    Done,
+    Failed,
+}
+
+impl CmdStatus {
+    pub fn name(self) -> &'static str {
+        match self {
+            CmdStatus::Accepted => "accepted",
+            CmdStatus::Rejected => "rejected",
+            CmdStatus::Done => "done",
+            CmdStatus::Failed => "failed",
+        }
+    }
+}
+
+fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+struct Inner {
+    topics: Topics,
+    outbox: Mutex<Outbox>,
+    wake: Arc<Notify>,
+    outbox_alarm: Mutex<bool>,
+    /// Alarms not cleared, by id: (severity, source, message, state).
+    alarms: Mutex<HashMap<String, AlarmRecord>>,
+    /// The device states last published (a state is published when it changes).
+    devices: Mutex<HashMap<String, (&'static str, String)>>,
+}
+
+#[derive(Debug, Clone)]
+struct AlarmRecord {
+    severity: String,
+    source: String,
+    message: String,
+}
+
+/// Cheap to clone; every clone writes to the same outbox.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+impl Publisher {
+    /// Opens the outbox at `path`; returns the publisher, the reader for the
+    /// link, and the notifier the link waits on.
+    pub fn open(
+        path: &Path,
+        limit: u64,
+        topics: Topics,
+    ) -> Result<(Publisher, OutboxReader, Arc<Notify>), OutboxError> {
+        let outbox = Outbox::open(path, limit)?;
+        let reader = OutboxReader::open(&outbox)?;
+        // Alarms still active when the controller stopped stay active.
+        let prefix = topics.alarm("");
+        let alarms = outbox
+            .retained()?
+            .into_iter()
+            .filter_map(|(topic, payload)| {
+                let id = topic.strip_prefix(&prefix)?.to_string();
+                let v: Value = serde_json::from_slice(&payload).ok()?;
+                let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                Some((
+                    id,
+                    AlarmRecord {
+                        severity: field("severity"),
+                        source: field("source"),
+                        message: field("message"),
+                    },
+                ))
+            })
+            .collect();
+        let wake = Arc::new(Notify::new());
+        let publisher = Publisher {
+            inner: Arc::new(Inner {
+                topics,
+                outbox: Mutex::new(outbox),
+                wake: wake.clone(),
+                outbox_alarm: Mutex::new(false),
+                alarms: Mutex::new(alarms),
+                devices: Mutex::new(HashMap::new()),
+            }),
+        };
+        Ok((publisher, reader, wake))
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.inner.topics
+    }
+
+    fn with_outbox<T>(
+        &self,
+        f: impl FnOnce(&mut Outbox) -> Result<T, OutboxError>,
+    ) -> Result<T, OutboxError> {
+        let mut outbox = self
+            .inner
+            .outbox
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut outbox)
+    }
+
+    /// Messages waiting for the broker's acknowledgement.
+    pub fn unsent(&self) -> u64 {
+        self.with_outbox(|o| Ok(o.counts().unsent.load(Ordering::Relaxed)))
+            .unwrap_or(0)
+    }
+
+    /// Writes messages to the outbox (committed when this returns) and wakes the link.
+    pub fn send(&self, messages: Vec<NewMessage>) -> Result<Appended, OutboxError> {
+        let (appended, unsent, limit) = self.with_outbox(|o| {
+            let a = o.append(messages)?;
+            Ok((a, o.counts().unsent.load(Ordering::Relaxed), o.limit()))
+        })?;
+        self.inner.wake.notify_one();
+        self.watch_bound(appended.dropped, unsent, limit);
+        Ok(appended)
+    }
+
+    /// Raises the outbox alarm when telemetry is dropped at the bound, and
+    /// clears it when the backlog is back under half the bound.
+    fn watch_bound(&self, dropped: u64, unsent: u64, limit: u64) {
+        let change = {
+            let mut active = self
+                .inner
+                .outbox_alarm
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if dropped > 0 && !*active {
+                *active = true;
+                Some(true)
+            } else if *active && unsent < limit / 2 {
+                *active = false;
+                Some(false)
+            } else {
+                None
+            }
+        };
+        let result = match change {
+            Some(true) => self.alarm(
+                OUTBOX_FULL_ALARM,
+                "warning",
+                "active",
+                "controller",
+                &format!(
+                    "the MQTT outbox is full ({limit} messages): the oldest telemetry is being dropped until the broker is reachable"
+                ),
+            ),
+            Some(false) => self.alarm(
+                OUTBOX_FULL_ALARM,
+                "warning",
+                "cleared",
+                "controller",
+                "the MQTT outbox is below half its bound again",
+            ),
+            None => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::error!(target: "mqtt", "{e}");
+        }
+    }
+
+    fn json(topic: String, retain: bool, class: Class, body: Value) -> NewMessage {
+        NewMessage {
+            topic,
+            retain,
+            class,
+            body: Body::Json(object(body)),
+        }
+    }
+
+    fn raw(topic: String, payload: &[u8]) -> NewMessage {
+        NewMessage {
+            topic,
+            retain: true,
+            class: Class::State,
+            body: Body::Raw(payload.to_vec()),
+        }
+    }
+
+    /// The controller's `$state`: init, ready, busy (disconnected and lost come
+    /// from the link and the broker).
+    pub fn controller_state(&self, state: &str) -> Result<(), OutboxError> {
+        self.send(vec![Self::raw(self.topics().state(), state.as_bytes())])
+            .map(|_| ())
+    }
+
+    /// `$description`: retained, re-published on every connect.
+    pub fn description(&self, description: &Value) -> Result<(), OutboxError> {
+        let payload = serde_json::to_vec(description).unwrap_or_default();
+        let topic = self.topics().description();
+        self.with_outbox(|o| o.set_retained(&topic, &payload))?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// A device's `$state`, and its `$fault` reason (cleared when it is ready).
+    pub fn device_state(
+        &self,
+        device: &str,
+        state: DeviceState,
+        reason: Option<&str>,
+    ) -> Result<(), OutboxError> {
+        let t = self.topics();
+        let name = device_state_name(state);
+        let fault = match (state, reason) {
+            (DeviceState::Ready | DeviceState::Busy, _) => String::new(),
+            (_, Some(r)) => r.to_string(),
+            (_, None) => name.to_string(),
+        };
+        let previous = {
+            let mut devices = self.inner.devices.lock().unwrap_or_else(|p| p.into_inner());
+            devices.insert(device.to_string(), (name, fault.clone()))
+        };
+        let mut messages = Vec::new();
+        match &previous {
+            Some((n, f)) if *n == name && *f == fault => return Ok(()),
+            // `$fault` is written when there is a reason, and emptied once after it.
+            Some((_, f)) if *f == fault => {}
+            _ => messages.push(Self::raw(t.device_fault(device), fault.as_bytes())),
+        }
+        if previous.as_ref().is_none_or(|(n, _)| *n != name) {
+            messages.push(Self::raw(t.device_state(device), name.as_bytes()));
+        }
+        self.send(messages).map(|_| ())
+    }
+
+    /// One sample cycle of a device.
+    pub fn telemetry(
+        &self,
+        device: &str,
+        run_id: Option<&str>,
+        unix_ms: u64,
+        values: &[(String, Quantity)],
+    ) -> Result<(), OutboxError> {
+        self.send(vec![self.telemetry_message(device, run_id, unix_ms, values)])
+            .map(|_| ())
+    }
+
+    pub fn telemetry_message(
+        &self,
+        device: &str,
+        run_id: Option<&str>,
+        unix_ms: u64,
+        values: &[(String, Quantity)],
+    ) -> NewMessage {
+        let mut map = Map::new();
+        for (name, q) in values {
+            map.insert(name.clone(), json!({ "v": q.value, "unit": q.dimension.canonical_unit() }));
+        }
+        let mut body = json!({ "ts": timestamp(unix_ms), "values": map });
+        if let Some(run) = run_id {
+            body["run_id"] = run.into();
+        }
+        Self::json(self.topics().telemetry(device), false, Class::Telemetry, body)
+    }
+
+    /// `run/<run_id>/$state`, with `run/current` and the controller's `$state`
+    /// when the run starts or ends.
+    pub fn run_state(
+        &self,
+        info: &RunInfo,
+        unix_ms: u64,
+        state: &str,
+        step: Option<&str>,
+        reason: Option<&str>,
+        is_final: bool,
+    ) -> Result<(), OutboxError> {
+        let t = self.topics();
+        let mut body = json!({
+            "ts": timestamp(unix_ms),
+            "state": state,
+            "protocol": { "name": info.protocol, "version": info.version, "sha256": info.sha256 },
+            "params": info.params,
+            "started_at": info.started_at,
+        });
+        if let Some(op) = &info.operator {
+            body["operator"] = op.as_str().into();
+        }
+        if let Some(s) = step {
+            body["step"] = s.into();
+        }
+        if let Some(r) = reason {
+            body["reason"] = r.into();
+        }
+        let mut messages = vec![Self::json(
+            t.run_state(&info.run_id),
+            true,
+            Class::Event,
+            body,
+        )];
+        if is_final {
+            messages.push(Self::raw(t.run_current(), b""));
+            messages.push(Self::raw(t.state(), b"ready"));
+        } else {
+            let current = serde_json::to_vec(&json!({ "run_id": info.run_id })).unwrap_or_default();
+            messages.push(Self::raw(t.run_current(), &current));
+            messages.push(Self::raw(t.state(), b"busy"));
+        }
+        self.send(messages).map(|_| ())
+    }
+
+    /// A step's (or a prompt's) progress on `run/<run_id>/event`.
+    pub fn run_event(
+        &self,
+        run_id: &str,
+        unix_ms: u64,
+        step_id: &str,
+        action: &str,
+        phase: StepPhase,
+        detail: Option<&str>,
+    ) -> Result<(), OutboxError> {
+        let body = json!({
+            "ts": timestamp(unix_ms),
+            "step_id": step_id,
+            "action": action,
+            "phase": phase,
+            "detail": detail,
+        });
+        self.send(vec![Self::json(
+            self.topics().run_event(run_id),
+            false,
+            Class::Event,
+            body,
+        )])
+        .map(|_| ())
+    }
+
+    /// `alarm/<alarm_id>`: retained while active or acknowledged; a clear is
+    /// published, then the retained message is removed (empty payload).
+    pub fn alarm(
+        &self,
+        alarm_id: &str,
+        severity: &str,
+        state: &str,
+        source: &str,
+        message: &str,
+    ) -> Result<(), OutboxError> {
+        let topic = self.topics().alarm(alarm_id);
+        let body = json!({
+            "ts": timestamp(now_ms()),
+            "severity": severity,
+            "state": state,
+            "source": source,
+            "message": message,
+        });
+        let cleared = state == "cleared";
+        {
+            let mut alarms = self.inner.alarms.lock().unwrap_or_else(|p| p.into_inner());
+            if cleared {
+                alarms.remove(alarm_id);
+            } else {
+                alarms.insert(
+                    alarm_id.to_string(),
+                    AlarmRecord {
+                        severity: severity.to_string(),
+                        source: source.to_string(),
+                        message: message.to_string(),
+                    },
+                );
+            }
+        }
+        let mut messages = vec![Self::json(topic.clone(), !cleared, Class::Event, body)];
+        if cleared {
+            messages.push(Self::raw(topic, b""));
+        }
+        // Not `send`: the outbox's own alarm must not recurse into the bound check.
+        self.with_outbox(|o| o.append(messages))?;
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Marks an alarm acknowledged (it stays retained until cleared); false
+    /// when no alarm with this id is active.
+    pub fn acknowledge_alarm(&self, alarm_id: &str) -> Result<bool, OutboxError> {
+        let record = self
+            .inner
+            .alarms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(alarm_id)
+            .cloned();
+        match record {
+            Some(r) => self
+                .alarm(alarm_id, &r.severity, "acknowledged", &r.source, &r.message)
+                .map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The answer to a command on `cmd_result/<cmd_id>`.
+    pub fn cmd_result(
+        &self,
+        cmd_id: &str,
+        status: CmdStatus,
+        reason: Option<&str>,
+        run_id: Option<&str>,
+    ) -> Result<(), OutboxError> {
+        let mut body = json!({
+            "ts": timestamp(now_ms()),
+            "cmd_id": cmd_id,
+            "status": status.name(),
+        });
+        if let Some(r) = reason {
+            body["reason"] = r.into();
+        }
+        if let Some(r) = run_id {
+            body["run_id"] = r.into();
+        }
+        self.send(vec![Self::json(
+            self.topics().cmd_result(cmd_id),
+            false,
+            Class::Event,
+            body,
+        )])
+        .map(|_| ())
+    }
+
+    /// Remembers a command id; false when it was seen before.
+    pub fn record_command(&self, cmd_id: &str, verb: &str) -> Result<bool, OutboxError> {
+        self.with_outbox(|o| o.record_command(cmd_id, verb))
+    }
+
+    /// Forgets retained topics the current lab no longer has (old devices).
+    pub fn forget_retained(&self, keep: impl Fn(&str) -> bool) -> Result<(), OutboxError> {
+        self.with_outbox(|o| o.forget_retained(keep))
+    }
+}
+
+/// What `run/<run_id>/$state` says about a run besides its state.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub run_id: String,
+    pub protocol: String,
+    pub version: Option<String>,
+    /// Of the protocol file's text.
+    pub sha256: String,
+    pub params: Value,
+    pub operator: Option<String>,
+    pub started_at: String,
+}
+
+impl RunInfo {
+    pub fn new(
+        run_id: &str,
+        protocol: &str,
+        version: Option<&str>,
+        text: &str,
+        params: Value,
+        operator: Option<&str>,
+    ) -> RunInfo {
+        use sha2::Digest;
+        RunInfo {
+            run_id: run_id.to_string(),
+            protocol: protocol.to_string(),
+            version: version.map(str::to_string),
+            sha256: hex::encode(sha2::Sha256::digest(text.as_bytes())),
+            params,
+            operator: operator.map(str::to_string),
+            started_at: timestamp(now_ms()),
+        }
+    }
+}
+
+/// A run id: UTC start time plus bits of the clock's nanoseconds and the
+/// process id, usable as a topic level (`20261129T120000Z-3f2a`).
+pub fn new_run_id() -> String {
+    let now = SystemTime::now();
+    let stamp: String = humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let nanos = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let bits = (nanos ^ std::process::id().rotate_left(16)) & 0xffff;
+    format!("{stamp}-{bits:04x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        assert_eq!(timestamp(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn run_ids_are_topic_levels() {
+        let id = new_run_id();
+        assert!(super::super::topics::is_topic_level(&id), "{id}");
+        assert_eq!(id.len(), "20261129T120000Z-abcd".len());
+    }
+}

@@ -1,0 +1,102 @@
+//! A run's events on MQTT: each event is written to the outbox before the
+//! runtime goes on (the bus calls sinks synchronously).
+
+use super::publisher::{Publisher, RunInfo};
+use crate::device::DeviceState;
+use crate::runtime::events::{AlarmState, Event, EventKind, EventSink, StepPhase};
+
+pub struct MqttRunSink {
+    publisher: Publisher,
+    info: RunInfo,
+    /// The step started last (`step` in the run's `$state`).
+    step: Option<String>,
+}
+
+impl MqttRunSink {
+    pub fn new(publisher: Publisher, info: RunInfo) -> MqttRunSink {
+        MqttRunSink {
+            publisher,
+            info,
+            step: None,
+        }
+    }
+}
+
+impl EventSink for MqttRunSink {
+    fn publish(&mut self, event: &Event) {
+        let p = &self.publisher;
+        let run = self.info.run_id.as_str();
+        let ms = event.unix_ms;
+        let result = match &event.kind {
+            EventKind::RunState { state, reason } => {
+                p.run_state(
+                    &self.info,
+                    ms,
+                    state.name(),
+                    self.step.as_deref(),
+                    reason.as_deref(),
+                    state.is_final(),
+                )
+            }
+            EventKind::Step {
+                step_id,
+                action,
+                phase,
+                detail,
+                ..
+            } => {
+                if *phase == StepPhase::Started {
+                    self.step = Some(step_id.clone());
+                }
+                p.run_event(run, ms, step_id, action, *phase, detail.as_deref())
+            }
+            // A run connects its devices again (serve connected them already):
+            // only a loss with a reason is news.
+            EventKind::DeviceState {
+                state: DeviceState::Disconnected | DeviceState::Connecting,
+                reason: None,
+                ..
+            } => Ok(()),
+            EventKind::DeviceState {
+                device,
+                state,
+                reason,
+            } => p.device_state(device, *state, reason.as_deref()),
+            EventKind::Sample { device, values, .. } => p.telemetry(device, Some(run), ms, values),
+            EventKind::Alarm {
+                alarm_id,
+                state,
+                source,
+                message,
+            } => p.alarm(
+                alarm_id,
+                "warning",
+                match state {
+                    AlarmState::Active => "active",
+                    AlarmState::Cleared => "cleared",
+                },
+                source,
+                message,
+            ),
+            // A prompt is a step waiting for an answer: `started` carries the
+            // question, `completed` the answer (answer_prompt needs the step id).
+            EventKind::Prompt {
+                step_id,
+                message,
+                response,
+            } => match response {
+                None => p.run_event(run, ms, step_id, "prompt", StepPhase::Started, Some(message)),
+                Some(r) => p.run_event(run, ms, step_id, "prompt", StepPhase::Completed, Some(r)),
+            },
+            EventKind::Log { step_id, message } => {
+                p.run_event(run, ms, step_id, "log", StepPhase::Completed, Some(message))
+            }
+            // Commands are answered on cmd_result; the journal keeps them all.
+            EventKind::Command { .. } => Ok(()),
+        };
+        if let Err(e) = result {
+            // The run goes on; the outbox's failure is an error in the log.
+            tracing::error!(target: "mqtt", "run {run}: {e}");
+        }
+    }
+}

@@ -1,0 +1,581 @@
+//! `biofoundry serve`: the workcell daemon. It connects the lab's devices,
+//! publishes their telemetry on each signal's schedule whether or not a run is
+//! active, takes commands from MES (docs/mqtt.md) and runs one protocol at a
+//! time; a `start_run` while a run is active is rejected, not queued (MES owns
+//! the queue, and a controller that queued would run work MES may have moved).
+
+use crate::catalogue::DeviceKind;
+use crate::clock::Clock;
+use crate::diagnostics::Diagnostic;
+use crate::lab::{LabDevice, LabFile, SimBacking, check_with_lab, connect_lab};
+use crate::mqtt::command::{Command, CommandArgs, ProtocolSource, Verb, parse_command};
+use crate::mqtt::link::{Incoming, ShutdownReport};
+use crate::mqtt::publisher::{CmdStatus, Publisher, RunInfo, new_run_id, now_ms};
+use crate::mqtt::sink::MqttRunSink;
+use crate::mqtt::{Mqtt, command};
+use crate::protocol::ParamOverride;
+use crate::runtime::events::EventBus;
+use crate::runtime::executor::{RunHandle, RunOptions, RunReport, RunSetup, spawn};
+use crate::runtime::machine::RunCommand;
+use crate::sim::{SimOptions, SimTiming};
+use crate::source::SourceFile;
+use crate::units::Quantity;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::task::JoinHandle;
+
+/// How long one telemetry read may take before it counts as a fault.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a run may take to reach a safe state when the controller stops.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The simulated lab's clock speed (a real lab runs at 1).
+    pub speed: f64,
+    pub seed: u64,
+    /// How long a shutdown waits for the outbox to empty (what is left is kept).
+    pub flush: Duration,
+    pub run_options: RunOptions,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            speed: 1.0,
+            seed: 1,
+            flush: Duration::from_secs(5),
+            run_options: RunOptions::default(),
+        }
+    }
+}
+
+/// How `serve` ended.
+#[derive(Debug, Clone)]
+pub struct ServeReport {
+    pub link: ShutdownReport,
+    /// Messages left in the outbox for the next start.
+    pub kept: u64,
+}
+
+struct ActiveRun {
+    run_id: String,
+    handle: RunHandle,
+    task: JoinHandle<RunReport>,
+}
+
+/// Signals a device publishes, with their period in seconds.
+pub fn telemetry_signals(lab: &LabFile, id: &str) -> Vec<(String, f64)> {
+    let every = lab.doc.telemetry.every.0;
+    match lab.devices.get(id) {
+        Some(LabDevice::Instrument(i)) => i
+            .profile
+            .doc
+            .signals
+            .iter()
+            .map(|(name, def)| {
+                let poll = def.get_ref().poll.as_ref().map_or(every, |d| d.0);
+                (name.clone(), poll)
+            })
+            .collect(),
+        Some(LabDevice::Bioreactor { parts }) => parts
+            .iter()
+            .filter_map(|(part, i)| {
+                let signals = &i.profile.doc.signals;
+                let def = signals
+                    .get(part.as_str())
+                    .or_else(|| (i.profile.kind == DeviceKind::Pump).then(|| signals.get("rate"))?)?;
+                DeviceKind::Bioreactor.spec().signal(part)?;
+                let poll = def.get_ref().poll.as_ref().map_or(every, |d| d.0);
+                Some((part.clone(), poll))
+            })
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// `$description`: the controller, its devices with signals (units, periods) and
+/// setpoints (limits), the commands it takes and its protocol library.
+pub fn description(lab: &LabFile, signed: bool) -> Value {
+    let devices: Vec<Value> = lab
+        .devices
+        .iter()
+        .filter_map(|(id, device)| {
+            let kind = lab.kind(id)?;
+            let spec = kind.spec();
+            let signals: Vec<Value> = telemetry_signals(lab, id)
+                .into_iter()
+                .map(|(name, poll)| {
+                    let unit = spec.signal(&name).map(|s| s.dimension.canonical_unit());
+                    json!({ "name": name, "unit": unit, "poll_s": poll })
+                })
+                .collect();
+            let setpoints: Vec<Value> = spec
+                .setpoints
+                .iter()
+                .filter_map(|sp| {
+                    let l = lab.setpoint_limits(id, sp.name)?;
+                    Some(json!({
+                        "name": sp.name,
+                        "unit": l.dimension.canonical_unit(),
+                        "min": l.min,
+                        "max": l.max,
+                    }))
+                })
+                .collect();
+            let profile = match device {
+                LabDevice::Instrument(i) => json!(i.profile.id),
+                LabDevice::Bioreactor { parts } => Value::Object(
+                    parts
+                        .iter()
+                        .map(|(p, i)| (p.clone(), json!(i.profile.id)))
+                        .collect(),
+                ),
+            };
+            Some(json!({
+                "id": id,
+                "kind": kind.name(),
+                "profile": profile,
+                "signals": signals,
+                "setpoints": setpoints,
+            }))
+        })
+        .collect();
+    let c = &lab.doc.controller;
+    json!({
+        "controller": { "id": c.id, "site": c.site, "cell": c.cell },
+        "version": env!("CARGO_PKG_VERSION"),
+        "contract": crate::mqtt::topics::PREFIX,
+        "devices": devices,
+        "commands": Verb::ALL.iter().map(|v| v.name()).collect::<Vec<_>>(),
+        "signed_commands": signed,
+        "runs": "one at a time; start_run while a run is active is rejected",
+        "protocols": library(lab).map(|(_, names)| names).unwrap_or_default(),
+    })
+}
+
+/// The protocol library: its folder and the names in it.
+fn library(lab: &LabFile) -> Option<(PathBuf, Vec<String>)> {
+    let dir = lab.base.join(lab.doc.controller.protocols.as_ref()?);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            (path.extension()? == "toml")
+                .then(|| path.file_stem()?.to_str().map(str::to_string))
+                .flatten()
+        })
+        .filter(|n| command::is_valid_id(n))
+        .collect();
+    names.sort();
+    Some((dir, names))
+}
+
+/// Runs the workcell until `stop` resolves (SIGTERM, Ctrl-C).
+pub async fn serve(
+    lab: LabFile,
+    mqtt: Mqtt,
+    options: ServeOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ServeReport, String> {
+    let Mqtt {
+        publisher,
+        link,
+        commands: mut incoming,
+        command_key,
+        ..
+    } = mqtt;
+    let report = |e: crate::mqtt::outbox::OutboxError| e.to_string();
+    publisher.controller_state("init").map_err(report)?;
+    publisher
+        .description(&description(&lab, command_key.is_some()))
+        .map_err(report)?;
+    let t = publisher.topics().clone();
+    let known: Vec<String> = lab.devices.keys().cloned().collect();
+    // Devices removed from the lab file leave no stale retained state behind.
+    publisher
+        .forget_retained(|topic| match topic.strip_prefix(&format!("{}/device/", t.root())) {
+            Some(rest) => known.iter().any(|d| rest.starts_with(&format!("{d}/"))),
+            None => true,
+        })
+        .map_err(report)?;
+
+    let clock = Clock::new(options.speed);
+    let backing = SimBacking {
+        clock: clock.clone(),
+        options: SimOptions {
+            seed: options.seed,
+            timing: SimTiming::Realistic,
+        },
+    };
+    let runtime = connect_lab(&lab, &backing)?;
+    let lab = Arc::new(lab);
+    let current_run: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut pollers = Vec::new();
+    for (id, handle) in &runtime.lab.devices {
+        let signals = telemetry_signals(&lab, id);
+        pollers.push(tokio::spawn(poll_device(
+            id.clone(),
+            handle.clone(),
+            signals,
+            publisher.clone(),
+            current_run.clone(),
+        )));
+    }
+    publisher.controller_state("ready").map_err(report)?;
+    tracing::info!(target: "serve", "serving {} devices on {}", runtime.lab.devices.len(), t.root());
+
+    let mut workcell = Workcell {
+        lab: lab.clone(),
+        devices: runtime.lab,
+        publisher: publisher.clone(),
+        clock,
+        key: command_key,
+        active: None,
+        current_run,
+        run_options: options.run_options.clone(),
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            Some(c) = incoming.recv() => {
+                if let Some(Verb::Republish) = workcell.handle(c).await {
+                    link.republish();
+                }
+            }
+            report = async {
+                match workcell.active.as_mut() {
+                    Some(a) => (&mut a.task).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                workcell.finished(report.ok());
+            }
+            _ = &mut stop => break,
+        }
+    }
+    // A run in progress is aborted: its devices go to their safe states.
+    if let Some(mut active) = workcell.active.take() {
+        let _ = active
+            .handle
+            .command(RunCommand::Abort, "controller shutting down")
+            .await;
+        let _ = tokio::time::timeout(ABORT_TIMEOUT, &mut active.task).await;
+        workcell.current_run.lock().map(|mut r| r.take()).ok();
+    }
+    for p in pollers {
+        p.abort();
+    }
+    let link_report = link.shutdown(b"disconnected", options.flush).await;
+    Ok(ServeReport {
+        link: link_report,
+        kept: publisher.unsent(),
+    })
+}
+
+/// Reads a device's signals on their schedules and publishes one telemetry
+/// message per cycle; a device that stops answering is `fault` until it answers.
+async fn poll_device(
+    id: String,
+    handle: crate::device::DeviceHandle,
+    signals: Vec<(String, f64)>,
+    publisher: Publisher,
+    current_run: Arc<Mutex<Option<String>>>,
+) {
+    use crate::device::DeviceState;
+    let device = handle.device();
+    if signals.is_empty() {
+        return;
+    }
+    let state = match tokio::time::timeout(READ_TIMEOUT, device.connect()).await {
+        Ok(Ok(())) => (DeviceState::Ready, None),
+        Ok(Err(e)) => (DeviceState::Disconnected, Some(e.to_string())),
+        Err(_) => (DeviceState::Disconnected, Some("did not answer in time".into())),
+    };
+    let _ = publisher.device_state(&id, state.0, state.1.as_deref());
+    let mut healthy = state.0 == DeviceState::Ready;
+    // One cycle per distinct period; each cycle reads the signals due.
+    let tick = signals
+        .iter()
+        .map(|(_, p)| *p)
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.05, 86_400.0);
+    let mut next_due: Vec<f64> = vec![0.0; signals.len()];
+    let start = tokio::time::Instant::now();
+    let mut interval = tokio::time::interval(Duration::from_secs_f64(tick));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        interval.tick().await;
+        let now_s = start.elapsed().as_secs_f64();
+        let mut values: Vec<(String, Quantity)> = Vec::new();
+        let mut failure = None;
+        for (i, (name, period)) in signals.iter().enumerate() {
+            if now_s + 1e-6 < next_due[i] {
+                continue;
+            }
+            next_due[i] = now_s + period;
+            match tokio::time::timeout(READ_TIMEOUT, device.read(name)).await {
+                Ok(Ok(q)) => values.push((name.clone(), q)),
+                Ok(Err(e)) => failure = Some(format!("reading {name}: {e}")),
+                Err(_) => failure = Some(format!("reading {name}: no answer in time")),
+            }
+        }
+        match (&failure, values.is_empty()) {
+            (Some(reason), true) if healthy => {
+                healthy = false;
+                let _ = publisher.device_state(&id, DeviceState::Fault, Some(reason));
+            }
+            (None, false) if !healthy => {
+                healthy = true;
+                let _ = publisher.device_state(&id, DeviceState::Ready, None);
+            }
+            _ => {}
+        }
+        if !values.is_empty() {
+            let run = current_run.lock().ok().and_then(|r| r.clone());
+            if let Err(e) = publisher.telemetry(&id, run.as_deref(), now_ms(), &values) {
+                tracing::error!(target: "serve", "telemetry of {id}: {e}");
+            }
+        }
+    }
+}
+
+struct Workcell {
+    lab: Arc<LabFile>,
+    devices: crate::device::Lab,
+    publisher: Publisher,
+    clock: Clock,
+    key: Option<Vec<u8>>,
+    active: Option<ActiveRun>,
+    current_run: Arc<Mutex<Option<String>>>,
+    run_options: RunOptions,
+}
+
+/// The topic level a command without a readable `cmd_id` is answered on.
+pub const INVALID_CMD_ID: &str = "invalid";
+
+impl Workcell {
+    fn answer(&self, cmd_id: &str, status: CmdStatus, reason: Option<&str>, run_id: Option<&str>) {
+        if let Err(e) = self.publisher.cmd_result(cmd_id, status, reason, run_id) {
+            tracing::error!(target: "serve", "answering command {cmd_id}: {e}");
+        }
+    }
+
+    /// Handles one command; returns the verb when the link must act (republish).
+    async fn handle(&mut self, incoming: Incoming) -> Option<Verb> {
+        let verb = self.publisher.topics().command_verb(&incoming.topic)?.to_string();
+        let command = match parse_command(&verb, &incoming.payload, self.key.as_deref(), SystemTime::now()) {
+            Ok(c) => c,
+            Err(rejection) => {
+                tracing::warn!(target: "serve", "command on {} rejected: {}", incoming.topic, rejection.reason);
+                let id = rejection.cmd_id.as_deref().unwrap_or(INVALID_CMD_ID);
+                self.answer(id, CmdStatus::Rejected, Some(&rejection.reason), None);
+                return None;
+            }
+        };
+        let id = command.cmd_id.clone();
+        if incoming.retain {
+            self.answer(&id, CmdStatus::Rejected, Some("retained commands are not accepted: publish commands with retain off"), None);
+            return None;
+        }
+        match self.publisher.record_command(&id, command.verb.name()) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.answer(&id, CmdStatus::Rejected, Some("duplicate cmd_id: this command was already received"), None);
+                return None;
+            }
+            Err(e) => {
+                self.answer(&id, CmdStatus::Rejected, Some(&format!("cannot record the command: {e}")), None);
+                return None;
+            }
+        }
+        tracing::info!(target: "serve", "command {} ({})", id, command.verb.name());
+        self.execute(command).await
+    }
+
+    async fn execute(&mut self, command: Command) -> Option<Verb> {
+        let id = command.cmd_id.as_str();
+        let run_command = match command.verb {
+            Verb::Pause => Some(RunCommand::Pause),
+            Verb::Resume => Some(RunCommand::Resume),
+            Verb::Hold => Some(RunCommand::Hold),
+            Verb::Stop => Some(RunCommand::Stop),
+            Verb::Abort => Some(RunCommand::Abort),
+            _ => None,
+        };
+        if let Some(rc) = run_command {
+            let Some(active) = &self.active else {
+                self.answer(id, CmdStatus::Rejected, Some("no run is active"), None);
+                return None;
+            };
+            let source = match &command.args {
+                CommandArgs::Abort { reason } => format!("mes ({id}): {reason}"),
+                _ => format!("mes ({id})"),
+            };
+            let run_id = active.run_id.clone();
+            match active.handle.command(rc, &source).await {
+                Ok(state) => {
+                    self.answer(id, CmdStatus::Accepted, None, Some(&run_id));
+                    self.answer(id, CmdStatus::Done, Some(&format!("the run is {state}")), Some(&run_id));
+                }
+                Err(rejected) => {
+                    self.answer(id, CmdStatus::Rejected, Some(&rejected.to_string()), Some(&run_id))
+                }
+            }
+            return None;
+        }
+        match command.args {
+            CommandArgs::StartRun {
+                protocol,
+                params,
+                bind,
+                operator,
+            } => self.start_run(id, protocol, params, bind, operator).await,
+            CommandArgs::AnswerPrompt {
+                run_id,
+                step_id,
+                response,
+            } => {
+                let Some(active) = self.active.as_ref().filter(|a| a.run_id == run_id) else {
+                    self.answer(id, CmdStatus::Rejected, Some(&format!("run {run_id} is not the active run")), None);
+                    return None;
+                };
+                match active.handle.answer_prompt(&step_id, &response).await {
+                    Ok(()) => {
+                        self.answer(id, CmdStatus::Accepted, None, Some(&run_id));
+                        self.answer(id, CmdStatus::Done, None, Some(&run_id));
+                    }
+                    Err(e) => self.answer(id, CmdStatus::Rejected, Some(&e), Some(&run_id)),
+                }
+            }
+            CommandArgs::AckAlarm { alarm_id } => match self.publisher.acknowledge_alarm(&alarm_id) {
+                Ok(true) => {
+                    self.answer(id, CmdStatus::Accepted, None, None);
+                    self.answer(id, CmdStatus::Done, None, None);
+                }
+                Ok(false) => self.answer(id, CmdStatus::Rejected, Some(&format!("no active alarm `{alarm_id}`")), None),
+                Err(e) => self.answer(id, CmdStatus::Failed, Some(&e.to_string()), None),
+            },
+            CommandArgs::None if command.verb == Verb::Republish => {
+                self.answer(id, CmdStatus::Accepted, None, None);
+                self.answer(id, CmdStatus::Done, None, None);
+                return Some(Verb::Republish);
+            }
+            _ => self.answer(id, CmdStatus::Rejected, Some("arguments do not match the verb"), None),
+        }
+        None
+    }
+
+    async fn start_run(
+        &mut self,
+        id: &str,
+        protocol: ProtocolSource,
+        params: Vec<(String, String)>,
+        bind: Vec<(String, String)>,
+        operator: Option<String>,
+    ) {
+        if let Some(active) = &self.active {
+            let reason = format!("a run is already active ({}); one run at a time", active.run_id);
+            self.answer(id, CmdStatus::Rejected, Some(&reason), Some(&active.run_id));
+            return;
+        }
+        let source = match protocol {
+            ProtocolSource::Toml(text) => SourceFile::new(format!("mes-{id}.toml"), text),
+            ProtocolSource::Name(name) => {
+                let Some((dir, names)) = library(&self.lab) else {
+                    self.answer(id, CmdStatus::Rejected, Some("this controller has no protocol library ([controller] protocols in the lab file); send protocol_toml"), None);
+                    return;
+                };
+                if !names.contains(&name) {
+                    let reason = format!("no protocol `{name}` in the library ({}); it has: {}", dir.display(), names.join(", "));
+                    self.answer(id, CmdStatus::Rejected, Some(&reason), None);
+                    return;
+                }
+                match SourceFile::read(&dir.join(format!("{name}.toml"))) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.answer(id, CmdStatus::Rejected, Some(&format!("cannot read protocol `{name}`: {e}")), None);
+                        return;
+                    }
+                }
+            }
+        };
+        let overrides: Vec<ParamOverride> = params
+            .iter()
+            .map(|(name, value)| ParamOverride { name: name.clone(), value: value.clone() })
+            .collect();
+        let text = source.text.clone();
+        let report = match check_with_lab(source, &overrides, &self.lab, &bind) {
+            Ok(r) => r,
+            Err(e) => {
+                self.answer(id, CmdStatus::Rejected, Some(&format!("protocol fails check: {e}")), None);
+                return;
+            }
+        };
+        if report.has_errors() {
+            let errors: Vec<&Diagnostic> = report.diagnostics.iter().filter(|d| d.is_error()).collect();
+            let first: Vec<String> = errors
+                .iter()
+                .take(3)
+                .map(|d| {
+                    let (line, col) = report.file.line_col(d.span.start);
+                    format!("{}:{line}:{col}: {} [{}]", report.file.display_path(), d.message, d.code)
+                })
+                .collect();
+            let reason = format!("protocol fails check ({} error{}): {}", errors.len(), if errors.len() == 1 { "" } else { "s" }, first.join("; "));
+            self.answer(id, CmdStatus::Rejected, Some(&reason), None);
+            return;
+        }
+        let (Some(protocol), Some(plan)) = (report.protocol, report.plan) else {
+            self.answer(id, CmdStatus::Rejected, Some("protocol fails check"), None);
+            return;
+        };
+        let run_id = new_run_id();
+        let setup = match RunSetup::new(&protocol, plan, &self.devices, &bind, self.run_options.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                self.answer(id, CmdStatus::Rejected, Some(&e.to_string()), None);
+                return;
+            }
+        };
+        self.answer(id, CmdStatus::Accepted, None, Some(&run_id));
+        let params_json: serde_json::Map<String, Value> =
+            params.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+        let info = RunInfo::new(
+            &run_id,
+            &protocol.name,
+            protocol.version.as_deref(),
+            &text,
+            Value::Object(params_json),
+            operator.as_deref(),
+        );
+        let mut bus = EventBus::new();
+        bus.add_sink(Box::new(MqttRunSink::new(self.publisher.clone(), info)));
+        let (handle, task) = spawn(setup, self.clock.clone(), bus);
+        if let Ok(mut r) = self.current_run.lock() {
+            *r = Some(run_id.clone());
+        }
+        match handle.command(RunCommand::Start, &format!("mes ({id})")).await {
+            Ok(_) => self.answer(id, CmdStatus::Done, Some("the run started"), Some(&run_id)),
+            Err(e) => self.answer(id, CmdStatus::Failed, Some(&e.to_string()), Some(&run_id)),
+        }
+        tracing::info!(target: "serve", "run {run_id} of `{}` started", protocol.name);
+        self.active = Some(ActiveRun { run_id, handle, task });
+    }
+
+    fn finished(&mut self, report: Option<RunReport>) {
+        if let Some(active) = self.active.take() {
+            tracing::info!(
+                target: "serve",
+                "run {} ended: {}",
+                active.run_id,
+                report.map_or("the run's task failed".to_string(), |r| r.state.to_string())
+            );
+        }
+        if let Ok(mut r) = self.current_run.lock() {
+            *r = None;
+        }
+    }
+}
