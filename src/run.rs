@@ -2,6 +2,8 @@
 
 use crate::{checked, plural, print_json};
 use biofoundry::clock::Clock;
+use biofoundry::mqtt::publisher::{RunInfo, new_run_id};
+use biofoundry::mqtt::sink::MqttRunSink;
 use biofoundry::protocol::ParamOverride;
 use biofoundry::runtime::events::{ChannelSink, EventBus, EventKind};
 use biofoundry::runtime::executor::{RunHandle, RunOptions, RunReport, RunSetup, spawn};
@@ -218,6 +220,35 @@ pub fn cmd_run(
         let mut bus = EventBus::new();
         bus.add_sink(Box::new(console));
         bus.add_sink(Box::new(ChannelSink(events_tx)));
+        // A lab file with [mqtt]: the run is published like a run of `serve`.
+        let mqtt = match &lab_file {
+            Some(l) => biofoundry::mqtt::start(l, false)?,
+            None => None,
+        };
+        if let (Some(m), Some(l)) = (&mqtt, &lab_file) {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let params_json: serde_json::Map<String, serde_json::Value> = params
+                .iter()
+                .map(|p| (p.name.clone(), serde_json::Value::String(p.value.clone())))
+                .collect();
+            let info = RunInfo::new(
+                &new_run_id(),
+                &protocol.name,
+                protocol.version.as_deref(),
+                &text,
+                serde_json::Value::Object(params_json),
+                None,
+            );
+            let key = l
+                .doc
+                .mqtt
+                .as_ref()
+                .is_some_and(|m| m.get_ref().command_key_file.is_some());
+            m.publisher
+                .description(&biofoundry::serve::description(l, key))
+                .map_err(|e| e.to_string())?;
+            bus.add_sink(Box::new(MqttRunSink::new(m.publisher.clone(), info)));
+        }
         let (handle, task) = spawn(setup, clock, bus);
         if let Some(e) = estimate {
             println!(
@@ -231,7 +262,22 @@ pub fn cmd_run(
             .await
             .map_err(|e| e.to_string())?;
         operate(handle, events).await;
-        task.await.map_err(|e| e.to_string())
+        let report = task.await.map_err(|e| e.to_string());
+        if let Some(m) = mqtt {
+            let unsent = m.publisher.clone();
+            let link = m
+                .link
+                .shutdown(b"disconnected", std::time::Duration::from_secs(5))
+                .await;
+            if !link.flushed {
+                println!(
+                    "MQTT: {} message{} kept in the outbox for the next start",
+                    unsent.unsent(),
+                    plural(unsent.unsent() as usize)
+                );
+            }
+        }
+        report
     })?;
     print_summary(&outcome);
     Ok(if outcome.state == RunState::Completed {
@@ -381,11 +427,7 @@ pub fn cmd_serve(lab_path: &Path, speed: Option<f64>, json_logs: bool) -> Result
         None if lab.all_simulated() => lab.simulation_speed(),
         None => 1.0,
     };
-    let seed = lab
-        .doc
-        .simulation
-        .as_ref()
-        .map_or(1, |s| s.get_ref().seed);
+    let seed = lab.doc.simulation.as_ref().map_or(1, |s| s.get_ref().seed);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -403,7 +445,11 @@ pub fn cmd_serve(lab_path: &Path, speed: Option<f64>, json_logs: bool) -> Result
     })?;
     tracing::info!(
         "stopped: outbox {}, {} message{} kept for the next start",
-        if report.link.flushed { "flushed" } else { "not flushed" },
+        if report.link.flushed {
+            "flushed"
+        } else {
+            "not flushed"
+        },
         report.kept,
         plural(report.kept as usize)
     );

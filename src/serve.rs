@@ -84,9 +84,9 @@ pub fn telemetry_signals(lab: &LabFile, id: &str) -> Vec<(String, f64)> {
             .iter()
             .filter_map(|(part, i)| {
                 let signals = &i.profile.doc.signals;
-                let def = signals
-                    .get(part.as_str())
-                    .or_else(|| (i.profile.kind == DeviceKind::Pump).then(|| signals.get("rate"))?)?;
+                let def = signals.get(part.as_str()).or_else(|| {
+                    (i.profile.kind == DeviceKind::Pump).then(|| signals.get("rate"))?
+                })?;
                 DeviceKind::Bioreactor.spec().signal(part)?;
                 let poll = def.get_ref().poll.as_ref().map_or(every, |d| d.0);
                 Some((part.clone(), poll))
@@ -196,15 +196,17 @@ pub async fn serve(
     let known: Vec<String> = lab.devices.keys().cloned().collect();
     // Devices removed from the lab file leave no stale retained state behind.
     publisher
-        .forget_retained(|topic| match topic.strip_prefix(&format!("{}/device/", t.root())) {
-            Some(rest) => known.iter().any(|d| rest.starts_with(&format!("{d}/"))),
-            None => true,
-        })
+        .forget_retained(
+            |topic| match topic.strip_prefix(&format!("{}/device/", t.root())) {
+                Some(rest) => known.iter().any(|d| rest.starts_with(&format!("{d}/"))),
+                None => true,
+            },
+        )
         .map_err(report)?;
 
     let clock = Clock::new(options.speed);
     let backing = SimBacking {
-        clock: clock.clone(),
+        clock,
         options: SimOptions {
             seed: options.seed,
             timing: SimTiming::Realistic,
@@ -292,7 +294,10 @@ async fn poll_device(
     let state = match tokio::time::timeout(READ_TIMEOUT, device.connect()).await {
         Ok(Ok(())) => (DeviceState::Ready, None),
         Ok(Err(e)) => (DeviceState::Disconnected, Some(e.to_string())),
-        Err(_) => (DeviceState::Disconnected, Some("did not answer in time".into())),
+        Err(_) => (
+            DeviceState::Disconnected,
+            Some("did not answer in time".into()),
+        ),
     };
     let _ = publisher.device_state(&id, state.0, state.1.as_deref());
     let mut healthy = state.0 == DeviceState::Ready;
@@ -365,8 +370,17 @@ impl Workcell {
 
     /// Handles one command; returns the verb when the link must act (republish).
     async fn handle(&mut self, incoming: Incoming) -> Option<Verb> {
-        let verb = self.publisher.topics().command_verb(&incoming.topic)?.to_string();
-        let command = match parse_command(&verb, &incoming.payload, self.key.as_deref(), SystemTime::now()) {
+        let verb = self
+            .publisher
+            .topics()
+            .command_verb(&incoming.topic)?
+            .to_string();
+        let command = match parse_command(
+            &verb,
+            &incoming.payload,
+            self.key.as_deref(),
+            SystemTime::now(),
+        ) {
             Ok(c) => c,
             Err(rejection) => {
                 tracing::warn!(target: "serve", "command on {} rejected: {}", incoming.topic, rejection.reason);
@@ -377,17 +391,32 @@ impl Workcell {
         };
         let id = command.cmd_id.clone();
         if incoming.retain {
-            self.answer(&id, CmdStatus::Rejected, Some("retained commands are not accepted: publish commands with retain off"), None);
+            self.answer(
+                &id,
+                CmdStatus::Rejected,
+                Some("retained commands are not accepted: publish commands with retain off"),
+                None,
+            );
             return None;
         }
         match self.publisher.record_command(&id, command.verb.name()) {
             Ok(true) => {}
             Ok(false) => {
-                self.answer(&id, CmdStatus::Rejected, Some("duplicate cmd_id: this command was already received"), None);
+                self.answer(
+                    &id,
+                    CmdStatus::Rejected,
+                    Some("duplicate cmd_id: this command was already received"),
+                    None,
+                );
                 return None;
             }
             Err(e) => {
-                self.answer(&id, CmdStatus::Rejected, Some(&format!("cannot record the command: {e}")), None);
+                self.answer(
+                    &id,
+                    CmdStatus::Rejected,
+                    Some(&format!("cannot record the command: {e}")),
+                    None,
+                );
                 return None;
             }
         }
@@ -418,11 +447,19 @@ impl Workcell {
             match active.handle.command(rc, &source).await {
                 Ok(state) => {
                     self.answer(id, CmdStatus::Accepted, None, Some(&run_id));
-                    self.answer(id, CmdStatus::Done, Some(&format!("the run is {state}")), Some(&run_id));
+                    self.answer(
+                        id,
+                        CmdStatus::Done,
+                        Some(&format!("the run is {state}")),
+                        Some(&run_id),
+                    );
                 }
-                Err(rejected) => {
-                    self.answer(id, CmdStatus::Rejected, Some(&rejected.to_string()), Some(&run_id))
-                }
+                Err(rejected) => self.answer(
+                    id,
+                    CmdStatus::Rejected,
+                    Some(&rejected.to_string()),
+                    Some(&run_id),
+                ),
             }
             return None;
         }
@@ -439,7 +476,12 @@ impl Workcell {
                 response,
             } => {
                 let Some(active) = self.active.as_ref().filter(|a| a.run_id == run_id) else {
-                    self.answer(id, CmdStatus::Rejected, Some(&format!("run {run_id} is not the active run")), None);
+                    self.answer(
+                        id,
+                        CmdStatus::Rejected,
+                        Some(&format!("run {run_id} is not the active run")),
+                        None,
+                    );
                     return None;
                 };
                 match active.handle.answer_prompt(&step_id, &response).await {
@@ -450,12 +492,18 @@ impl Workcell {
                     Err(e) => self.answer(id, CmdStatus::Rejected, Some(&e), Some(&run_id)),
                 }
             }
-            CommandArgs::AckAlarm { alarm_id } => match self.publisher.acknowledge_alarm(&alarm_id) {
+            CommandArgs::AckAlarm { alarm_id } => match self.publisher.acknowledge_alarm(&alarm_id)
+            {
                 Ok(true) => {
                     self.answer(id, CmdStatus::Accepted, None, None);
                     self.answer(id, CmdStatus::Done, None, None);
                 }
-                Ok(false) => self.answer(id, CmdStatus::Rejected, Some(&format!("no active alarm `{alarm_id}`")), None),
+                Ok(false) => self.answer(
+                    id,
+                    CmdStatus::Rejected,
+                    Some(&format!("no active alarm `{alarm_id}`")),
+                    None,
+                ),
                 Err(e) => self.answer(id, CmdStatus::Failed, Some(&e.to_string()), None),
             },
             CommandArgs::None if command.verb == Verb::Republish => {
@@ -463,7 +511,12 @@ impl Workcell {
                 self.answer(id, CmdStatus::Done, None, None);
                 return Some(Verb::Republish);
             }
-            _ => self.answer(id, CmdStatus::Rejected, Some("arguments do not match the verb"), None),
+            _ => self.answer(
+                id,
+                CmdStatus::Rejected,
+                Some("arguments do not match the verb"),
+                None,
+            ),
         }
         None
     }
@@ -477,7 +530,10 @@ impl Workcell {
         operator: Option<String>,
     ) {
         if let Some(active) = &self.active {
-            let reason = format!("a run is already active ({}); one run at a time", active.run_id);
+            let reason = format!(
+                "a run is already active ({}); one run at a time",
+                active.run_id
+            );
             self.answer(id, CmdStatus::Rejected, Some(&reason), Some(&active.run_id));
             return;
         }
@@ -489,14 +545,23 @@ impl Workcell {
                     return;
                 };
                 if !names.contains(&name) {
-                    let reason = format!("no protocol `{name}` in the library ({}); it has: {}", dir.display(), names.join(", "));
+                    let reason = format!(
+                        "no protocol `{name}` in the library ({}); it has: {}",
+                        dir.display(),
+                        names.join(", ")
+                    );
                     self.answer(id, CmdStatus::Rejected, Some(&reason), None);
                     return;
                 }
                 match SourceFile::read(&dir.join(format!("{name}.toml"))) {
                     Ok(s) => s,
                     Err(e) => {
-                        self.answer(id, CmdStatus::Rejected, Some(&format!("cannot read protocol `{name}`: {e}")), None);
+                        self.answer(
+                            id,
+                            CmdStatus::Rejected,
+                            Some(&format!("cannot read protocol `{name}`: {e}")),
+                            None,
+                        );
                         return;
                     }
                 }
@@ -504,27 +569,46 @@ impl Workcell {
         };
         let overrides: Vec<ParamOverride> = params
             .iter()
-            .map(|(name, value)| ParamOverride { name: name.clone(), value: value.clone() })
+            .map(|(name, value)| ParamOverride {
+                name: name.clone(),
+                value: value.clone(),
+            })
             .collect();
         let text = source.text.clone();
         let report = match check_with_lab(source, &overrides, &self.lab, &bind) {
             Ok(r) => r,
             Err(e) => {
-                self.answer(id, CmdStatus::Rejected, Some(&format!("protocol fails check: {e}")), None);
+                self.answer(
+                    id,
+                    CmdStatus::Rejected,
+                    Some(&format!("protocol fails check: {e}")),
+                    None,
+                );
                 return;
             }
         };
         if report.has_errors() {
-            let errors: Vec<&Diagnostic> = report.diagnostics.iter().filter(|d| d.is_error()).collect();
+            let errors: Vec<&Diagnostic> =
+                report.diagnostics.iter().filter(|d| d.is_error()).collect();
             let first: Vec<String> = errors
                 .iter()
                 .take(3)
                 .map(|d| {
                     let (line, col) = report.file.line_col(d.span.start);
-                    format!("{}:{line}:{col}: {} [{}]", report.file.display_path(), d.message, d.code)
+                    format!(
+                        "{}:{line}:{col}: {} [{}]",
+                        report.file.display_path(),
+                        d.message,
+                        d.code
+                    )
                 })
                 .collect();
-            let reason = format!("protocol fails check ({} error{}): {}", errors.len(), if errors.len() == 1 { "" } else { "s" }, first.join("; "));
+            let reason = format!(
+                "protocol fails check ({} error{}): {}",
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" },
+                first.join("; ")
+            );
             self.answer(id, CmdStatus::Rejected, Some(&reason), None);
             return;
         }
@@ -533,7 +617,13 @@ impl Workcell {
             return;
         };
         let run_id = new_run_id();
-        let setup = match RunSetup::new(&protocol, plan, &self.devices, &bind, self.run_options.clone()) {
+        let setup = match RunSetup::new(
+            &protocol,
+            plan,
+            &self.devices,
+            &bind,
+            self.run_options.clone(),
+        ) {
             Ok(s) => s,
             Err(e) => {
                 self.answer(id, CmdStatus::Rejected, Some(&e.to_string()), None);
@@ -541,8 +631,10 @@ impl Workcell {
             }
         };
         self.answer(id, CmdStatus::Accepted, None, Some(&run_id));
-        let params_json: serde_json::Map<String, Value> =
-            params.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+        let params_json: serde_json::Map<String, Value> = params
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect();
         let info = RunInfo::new(
             &run_id,
             &protocol.name,
@@ -553,16 +645,23 @@ impl Workcell {
         );
         let mut bus = EventBus::new();
         bus.add_sink(Box::new(MqttRunSink::new(self.publisher.clone(), info)));
-        let (handle, task) = spawn(setup, self.clock.clone(), bus);
+        let (handle, task) = spawn(setup, self.clock, bus);
         if let Ok(mut r) = self.current_run.lock() {
             *r = Some(run_id.clone());
         }
-        match handle.command(RunCommand::Start, &format!("mes ({id})")).await {
+        match handle
+            .command(RunCommand::Start, &format!("mes ({id})"))
+            .await
+        {
             Ok(_) => self.answer(id, CmdStatus::Done, Some("the run started"), Some(&run_id)),
             Err(e) => self.answer(id, CmdStatus::Failed, Some(&e.to_string()), Some(&run_id)),
         }
         tracing::info!(target: "serve", "run {run_id} of `{}` started", protocol.name);
-        self.active = Some(ActiveRun { run_id, handle, task });
+        self.active = Some(ActiveRun {
+            run_id,
+            handle,
+            task,
+        });
     }
 
     fn finished(&mut self, report: Option<RunReport>) {

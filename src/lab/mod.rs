@@ -12,10 +12,10 @@ pub use sim::{SimulatedWorkcell, parse_fault, serve_lab};
 
 use crate::catalogue::DeviceKind;
 use crate::check::{CheckReport, check_source};
-use crate::protocol::ParamOverride;
-use crate::runtime::executor::{BindError, bind_roles};
 use crate::diagnostics::{Diagnostic, did_you_mean};
 use crate::profile::{self, Profile};
+use crate::protocol::ParamOverride;
+use crate::runtime::executor::{BindError, bind_roles};
 use crate::source::{SourceFile, Span};
 use crate::transport::{SerialSettings, Transport};
 use crate::units::Limits;

@@ -322,8 +322,11 @@ impl LinkTask {
         mut events: mpsc::UnboundedReceiver<PollEvent>,
         mut control: mpsc::UnboundedReceiver<Control>,
     ) {
-        let mut shutdown: Option<(Vec<u8>, tokio::time::Instant, oneshot::Sender<ShutdownReport>)> =
-            None;
+        let mut shutdown: Option<(
+            Vec<u8>,
+            tokio::time::Instant,
+            oneshot::Sender<ShutdownReport>,
+        )> = None;
         loop {
             if self.connected {
                 self.fill();
@@ -515,7 +518,12 @@ impl LinkTask {
         if self.connected
             && self
                 .client
-                .try_publish(self.topics.state(), QoS::AtLeastOnce, true, final_state.to_vec())
+                .try_publish(
+                    self.topics.state(),
+                    QoS::AtLeastOnce,
+                    true,
+                    final_state.to_vec(),
+                )
                 .is_ok()
         {
             self.tags.push_back(Tag::Final);

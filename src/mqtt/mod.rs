@@ -81,9 +81,9 @@ pub fn broker_settings(
             client_id: m.client_id.clone().unwrap_or_else(|| controller.id.clone()),
             credentials,
             tls,
-            keep_alive: m
-                .keep_alive
-                .map_or(Duration::from_secs(5), |d| Duration::from_secs_f64(d.0.max(1.0))),
+            keep_alive: m.keep_alive.map_or(Duration::from_secs(5), |d| {
+                Duration::from_secs_f64(d.0.max(1.0))
+            }),
         },
         m.embedded,
     )))

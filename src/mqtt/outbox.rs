@@ -286,12 +286,12 @@ impl Outbox {
             Ok(()) => {
                 self.next_seq = next_seq;
                 // The link may delete concurrently: adjust, never overwrite.
-                let _ = self
-                    .counts
-                    .unsent
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                        Some((u + count).saturating_sub(dropped))
-                    });
+                let _ =
+                    self.counts
+                        .unsent
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                            Some((u + count).saturating_sub(dropped))
+                        });
                 self.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
                 Ok(Appended { last_seq, dropped })
             }

@@ -283,8 +283,10 @@ impl Publisher {
         unix_ms: u64,
         values: &[(String, Quantity)],
     ) -> Result<(), OutboxError> {
-        self.send(vec![self.telemetry_message(device, run_id, unix_ms, values)])
-            .map(|_| ())
+        self.send(vec![
+            self.telemetry_message(device, run_id, unix_ms, values),
+        ])
+        .map(|_| ())
     }
 
     pub fn telemetry_message(
@@ -296,13 +298,21 @@ impl Publisher {
     ) -> NewMessage {
         let mut map = Map::new();
         for (name, q) in values {
-            map.insert(name.clone(), json!({ "v": q.value, "unit": q.dimension.canonical_unit() }));
+            map.insert(
+                name.clone(),
+                json!({ "v": q.value, "unit": q.dimension.canonical_unit() }),
+            );
         }
         let mut body = json!({ "ts": timestamp(unix_ms), "values": map });
         if let Some(run) = run_id {
             body["run_id"] = run.into();
         }
-        Self::json(self.topics().telemetry(device), false, Class::Telemetry, body)
+        Self::json(
+            self.topics().telemetry(device),
+            false,
+            Class::Telemetry,
+            body,
+        )
     }
 
     /// `run/<run_id>/$state`, with `run/current` and the controller's `$state`
@@ -521,7 +531,9 @@ pub fn new_run_id() -> String {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .collect();
-    let nanos = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let nanos = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let bits = (nanos ^ std::process::id().rotate_left(16)) & 0xffff;
     format!("{stamp}-{bits:04x}")
 }

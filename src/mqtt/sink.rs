@@ -28,16 +28,14 @@ impl EventSink for MqttRunSink {
         let run = self.info.run_id.as_str();
         let ms = event.unix_ms;
         let result = match &event.kind {
-            EventKind::RunState { state, reason } => {
-                p.run_state(
-                    &self.info,
-                    ms,
-                    state.name(),
-                    self.step.as_deref(),
-                    reason.as_deref(),
-                    state.is_final(),
-                )
-            }
+            EventKind::RunState { state, reason } => p.run_state(
+                &self.info,
+                ms,
+                state.name(),
+                self.step.as_deref(),
+                reason.as_deref(),
+                state.is_final(),
+            ),
             EventKind::Step {
                 step_id,
                 action,
@@ -85,7 +83,14 @@ impl EventSink for MqttRunSink {
                 message,
                 response,
             } => match response {
-                None => p.run_event(run, ms, step_id, "prompt", StepPhase::Started, Some(message)),
+                None => p.run_event(
+                    run,
+                    ms,
+                    step_id,
+                    "prompt",
+                    StepPhase::Started,
+                    Some(message),
+                ),
                 Some(r) => p.run_event(run, ms, step_id, "prompt", StepPhase::Completed, Some(r)),
             },
             EventKind::Log { step_id, message } => {

@@ -77,8 +77,7 @@ impl Topics {
 pub fn is_topic_level(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
@@ -90,10 +89,16 @@ mod tests {
     fn topics_follow_the_contract() {
         let t = Topics::new(PREFIX, "site1", "cell-a", "ctl-1");
         assert_eq!(t.state(), "bf/v1/site1/cell-a/ctl-1/$state");
-        assert_eq!(t.telemetry("br1"), "bf/v1/site1/cell-a/ctl-1/device/br1/telemetry");
+        assert_eq!(
+            t.telemetry("br1"),
+            "bf/v1/site1/cell-a/ctl-1/device/br1/telemetry"
+        );
         assert_eq!(t.run_event("r1"), "bf/v1/site1/cell-a/ctl-1/run/r1/event");
         assert_eq!(t.commands(), "bf/v1/site1/cell-a/ctl-1/cmd/+");
-        assert_eq!(t.command_verb("bf/v1/site1/cell-a/ctl-1/cmd/pause"), Some("pause"));
+        assert_eq!(
+            t.command_verb("bf/v1/site1/cell-a/ctl-1/cmd/pause"),
+            Some("pause")
+        );
         assert_eq!(t.command_verb("bf/v1/site1/cell-a/ctl-1/cmd/a/b"), None);
         assert_eq!(t.command_verb("bf/v1/other/cell-a/ctl-1/cmd/pause"), None);
         assert!(is_topic_level("br-1.a"));
