@@ -231,7 +231,10 @@ fn values(i: u64) -> Vec<(String, Quantity)> {
 fn bare_payload(seq: u64) -> Vec<u8> {
     let mut values = serde_json::Map::new();
     for (name, q) in self::values(seq) {
-        values.insert(name, json!({ "v": q.value, "unit": q.dimension.canonical_unit() }));
+        values.insert(
+            name,
+            json!({ "v": q.value, "unit": q.dimension.canonical_unit() }),
+        );
     }
     json!({ "ts": timestamp(now_ms()), "values": values, "seq": seq })
         .to_string()
@@ -299,7 +302,11 @@ impl Subscriber {
                 }
             }
         });
-        rt.block_on(within("the subscriber's SUBACK", CONNECT_TIMEOUT, subscribed));
+        rt.block_on(within(
+            "the subscriber's SUBACK",
+            CONNECT_TIMEOUT,
+            subscribed,
+        ));
         Subscriber {
             count,
             bytes,
@@ -420,9 +427,12 @@ struct Controller {
 async fn controller(port: u16, name: &str) -> Controller {
     let dir = tempfile::tempdir().expect("temp dir");
     let topics = Topics::new(PREFIX, "bench", "cell", name);
-    let (publisher, reader, wake) =
-        Publisher::open(&dir.path().join("mqtt-outbox.sqlite"), 10_000_000, topics.clone())
-            .expect("open the outbox");
+    let (publisher, reader, wake) = Publisher::open(
+        &dir.path().join("mqtt-outbox.sqlite"),
+        10_000_000,
+        topics.clone(),
+    )
+    .expect("open the outbox");
     let settings = BrokerSettings {
         host: "127.0.0.1".into(),
         port,
@@ -460,7 +470,10 @@ impl Controller {
     }
 
     async fn close(self) {
-        let _ = self.link.shutdown(b"disconnected", Duration::from_secs(2)).await;
+        let _ = self
+            .link
+            .shutdown(b"disconnected", Duration::from_secs(2))
+            .await;
     }
 }
 
@@ -588,7 +601,9 @@ fn main() {
     }
     let bare_rate = N as f64 / rows[0].2.as_secs_f64();
     println!("## Throughput, QoS 1, N = {N}\n");
-    println!("| path | shape | payload (B) | time (s) | msgs/s | vs bare | received by subscriber |");
+    println!(
+        "| path | shape | payload (B) | time (s) | msgs/s | vs bare | received by subscriber |"
+    );
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (path, shape, t, got, size) in &rows {
         let rate = N as f64 / t.as_secs_f64();
@@ -606,7 +621,12 @@ fn main() {
     let count = LATENCY_RATE_HZ * LATENCY_SECS;
     let mut lat_rows = Vec::new();
     {
-        let sub = Subscriber::start(&subscribers, port, "bench/bare-lat/device/+/telemetry", base);
+        let sub = Subscriber::start(
+            &subscribers,
+            port,
+            "bench/bare-lat/device/+/telemetry",
+            base,
+        );
         let sent = publishers.block_on(bare_paced(port, base, count));
         sub.settle(&subscribers, count);
         let l = latency(&sent, &sub.received.lock().unwrap());

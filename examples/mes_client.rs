@@ -138,7 +138,10 @@ impl SeqCheck {
         match self.last {
             Some(last) if seq > last + 1 => {
                 self.gaps += 1;
-                println!("!! seq gap: {} missing before {seq} on {topic}", seq - last - 1);
+                println!(
+                    "!! seq gap: {} missing before {seq} on {topic}",
+                    seq - last - 1
+                );
             }
             Some(last) if seq < last => {
                 println!("!! seq {seq} out of order{tag} (after {last}) on {topic}");
@@ -173,7 +176,11 @@ impl Client {
             None => text,
         };
         let topic = format!("{}/cmd/{verb}", self.root);
-        if let Err(e) = self.mqtt.publish(topic, QoS::AtLeastOnce, false, payload).await {
+        if let Err(e) = self
+            .mqtt
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+        {
             eprintln!("cannot queue {verb}: {e}");
         }
         self.sent.insert(cmd_id.clone());
@@ -266,8 +273,15 @@ async fn main() -> ExitCode {
         };
         let (topic, payload, retain) = match net {
             Net::Connected => {
-                println!("connected to {}:{}; subscribing to {root}/#", args.host, args.port);
-                if let Err(e) = client.mqtt.subscribe(format!("{root}/#"), QoS::AtLeastOnce).await {
+                println!(
+                    "connected to {}:{}; subscribing to {root}/#",
+                    args.host, args.port
+                );
+                if let Err(e) = client
+                    .mqtt
+                    .subscribe(format!("{root}/#"), QoS::AtLeastOnce)
+                    .await
+                {
                     eprintln!("cannot subscribe: {e}");
                 }
                 if start_cmd.is_none() {
@@ -291,14 +305,23 @@ async fn main() -> ExitCode {
                 continue;
             }
             Net::Disconnected => continue,
-            Net::Message { topic, payload, retain } => (topic, payload, retain),
+            Net::Message {
+                topic,
+                payload,
+                retain,
+            } => (topic, payload, retain),
         };
-        let Some(rest) = topic.strip_prefix(&prefix) else { continue };
+        let Some(rest) = topic.strip_prefix(&prefix) else {
+            continue;
+        };
         let levels: Vec<&str> = rest.split('/').collect();
         let body: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
         // Retained messages are the last value, not news: no seq check.
         let number = body.get("seq").and_then(Value::as_u64);
-        let replayed = body.get("replayed").and_then(Value::as_bool).unwrap_or(false);
+        let replayed = body
+            .get("replayed")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         if let (Some(n), false) = (number, retain) {
             seq.check(n, &topic, replayed);
         }
@@ -312,7 +335,10 @@ async fn main() -> ExitCode {
                 body["protocols"]
             ),
             ["device", device, "$state"] => {
-                println!("device {device}: {}{old}", String::from_utf8_lossy(&payload))
+                println!(
+                    "device {device}: {}{old}",
+                    String::from_utf8_lossy(&payload)
+                )
             }
             ["device", device, "telemetry"] => {
                 println!("[{n}] {device}: {}", compact_values(&body["values"]))
@@ -334,7 +360,10 @@ async fn main() -> ExitCode {
                     match status {
                         "accepted" | "done" => {
                             if run_id.is_none() {
-                                run_id = body.get("run_id").and_then(Value::as_str).map(str::to_string);
+                                run_id = body
+                                    .get("run_id")
+                                    .and_then(Value::as_str)
+                                    .map(str::to_string);
                                 if let Some(r) = &run_id {
                                     println!("run {r} started");
                                 }
@@ -370,7 +399,8 @@ async fn main() -> ExitCode {
                     "[{n}] step {step} {action} {phase}{}",
                     detail.map_or(String::new(), |d| format!(": {d}"))
                 );
-                if action == "prompt" && phase == "started" && prompts_open.insert(step.to_string()) {
+                if action == "prompt" && phase == "started" && prompts_open.insert(step.to_string())
+                {
                     let answer = object(json!({
                         "run_id": r,
                         "step_id": step,

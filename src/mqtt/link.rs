@@ -401,10 +401,11 @@ impl LinkTask {
                 self.queue_retained();
             }
             PollEvent::Down(reason, stopped) => {
+                let repeated = matches!(&*self.state.borrow(), Connection::Down(r) if *r == reason);
                 if self.connected {
                     tracing::warn!(target: "mqtt", "broker connection lost: {reason}");
-                } else {
-                    tracing::debug!(target: "mqtt", "cannot reach the broker: {reason}");
+                } else if !repeated {
+                    tracing::warn!(target: "mqtt", "cannot reach the broker: {reason} (retrying)");
                 }
                 self.connected = false;
                 let _ = self.state.send(Connection::Down(reason));
