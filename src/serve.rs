@@ -145,7 +145,7 @@ pub fn description(lab: &LabFile, signed: bool) -> Value {
         .collect();
     let c = &lab.doc.controller;
     json!({
-        "controller": { "id": c.id, "site": c.site, "cell": c.cell },
+        "controller": { "id": c.id.get_ref(), "site": c.site.get_ref(), "cell": c.cell.get_ref() },
         "version": env!("CARGO_PKG_VERSION"),
         "contract": crate::mqtt::topics::PREFIX,
         "devices": devices,

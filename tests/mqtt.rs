@@ -905,3 +905,116 @@ async fn tls_and_a_password_connect_and_the_password_stays_secret() {
     );
     assert!(!log.contains("not-the-password"), "{log}");
 }
+
+/// The broker restarts empty (the embedded broker keeps nothing): the
+/// controller re-publishes its retained state, so a new subscriber sees the
+/// controller, its description and its devices. A killed controller is `lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_state_is_published_again_after_a_reconnect_and_the_will_says_lost() {
+    let mut broker = blocking(TestBroker::embedded);
+    let port = broker.port();
+    let mut cell = Workcell::new(port, "");
+    cell.start();
+    let first = Subscriber::start(port, "bf/v1/#", "first-look").await;
+    first
+        .wait_for("$state ready", Duration::from_secs(30), |r| {
+            r.iter()
+                .any(|m| m.topic == topic("$state") && m.payload == b"ready")
+        })
+        .await;
+    drop(first);
+    blocking(|| broker.kill());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    blocking(|| broker.restart());
+    // Connects after the controller is back; only retained messages tell it the state.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let late = Subscriber::start(port, "bf/v1/#", "late-joiner").await;
+    let received = late
+        .wait_for("retained state", Duration::from_secs(30), |r| {
+            let retained = |t: &str| r.iter().any(|m| m.retain && m.topic == topic(t));
+            retained("$state") && retained("$description") && retained("device/br1/$state")
+        })
+        .await;
+    let description = received
+        .iter()
+        .find(|m| m.topic == topic("$description"))
+        .and_then(|m| m.json())
+        .unwrap_or(Value::Null);
+    let devices = description["devices"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(devices.len(), 2, "{description}");
+    assert!(
+        description["commands"]
+            .as_array()
+            .is_some_and(|c| c.len() == 9)
+    );
+    // SIGKILL: no `disconnected`; the broker publishes the will.
+    blocking(|| cell.kill());
+    late.wait_for("$state lost", Duration::from_secs(30), |r| {
+        r.iter()
+            .any(|m| m.topic == topic("$state") && m.payload == b"lost")
+    })
+    .await;
+}
+
+/// `embedded = true`: the controller is its own broker; MES connects to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workcell_without_a_broker_runs_its_own() {
+    let port = common::mqtt::free_port();
+    let mut cell = Workcell::new(port, "embedded = true");
+    cell.start();
+    // Bounded: the subscriber retries until the controller's broker listens.
+    let sub = Subscriber::start(port, "bf/v1/#", "mes-on-embedded").await;
+    sub.wait_for(
+        "telemetry from the embedded broker",
+        Duration::from_secs(30),
+        |r| r.iter().any(|m| m.topic == topic("device/tm1/telemetry")),
+    )
+    .await;
+    let status = blocking(|| cell.terminate());
+    assert!(status.is_some_and(|s| s.success()), "{}", cell.log());
+}
+
+/// `biofoundry run --lab` with `[mqtt]` publishes the run like `serve` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_publishes_when_the_lab_has_mqtt() {
+    let broker = blocking(|| TestBroker::start(BrokerKind::Embedded));
+    let port = broker.port();
+    let sub = Subscriber::start(port, "bf/v1/#", "run-observer").await;
+    let cell = Workcell::new(port, "");
+    let protocol_file = cell.data().join("no_prompt.toml");
+    let text = protocol("5 min").replace(
+        "[[step]]\nid = \"ask\"\ndo = \"prompt\"\nmessage = \"Add the inoculum, then confirm.\"\n",
+        "",
+    );
+    std::fs::write(&protocol_file, text).expect("protocol");
+    let lab = cell.lab.clone();
+    let out = blocking(|| {
+        Command::new(env!("CARGO_BIN_EXE_biofoundry"))
+            .args(["run", "--lab"])
+            .arg(&lab)
+            .arg(&protocol_file)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run")
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let received = sub
+        .wait_for("completed run", Duration::from_secs(30), |r| {
+            r.iter().any(|m| {
+                m.topic.contains("/run/")
+                    && m.topic.ends_with("/$state")
+                    && m.json().is_some_and(|v| v["state"] == "completed")
+            })
+        })
+        .await;
+    assert!(received.iter().any(|m| m.topic.ends_with("/event")));
+    assert_seq_complete(&received, 1);
+    blocking(|| drop(broker));
+}

@@ -46,9 +46,10 @@ pub struct LabDoc {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Controller {
-    pub site: String,
-    pub cell: String,
-    pub id: String,
+    /// Site, cell and id are MQTT topic levels: `bf/v1/<site>/<cell>/<id>`.
+    pub site: Spanned<String>,
+    pub cell: Spanned<String>,
+    pub id: Spanned<String>,
     /// Journal, outbox and reports; relative paths start at the lab file's folder.
     #[serde(default = "default_data_dir")]
     pub data_dir: String,
@@ -308,6 +309,7 @@ pub fn parse(file: SourceFile) -> (Option<LabFile>, Vec<Diagnostic>) {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
+    check_mqtt(&doc, &base, &mut out);
     let mut dirs: Vec<PathBuf> = doc
         .controller
         .profiles
@@ -631,6 +633,79 @@ pub fn parse(file: SourceFile) -> (Option<LabFile>, Vec<Diagnostic>) {
     (Some(lab), out)
 }
 
+/// The controller's topic levels and the `[mqtt]` table: what `serve` would
+/// otherwise only find out when it starts.
+fn check_mqtt(doc: &LabDoc, base: &Path, out: &mut Vec<Diagnostic>) {
+    let c = &doc.controller;
+    for (what, level) in [("site", &c.site), ("cell", &c.cell), ("id", &c.id)] {
+        if !crate::mqtt::topics::is_topic_level(level.get_ref()) {
+            out.push(
+                Diagnostic::error(
+                    "bad-topic-level",
+                    span(level.span()),
+                    format!(
+                        "controller {what} `{}` cannot be an MQTT topic level",
+                        level.get_ref()
+                    ),
+                )
+                .with_hint("letters, digits, `_`, `-` and `.`, at most 128 characters"),
+            );
+        }
+    }
+    let Some(mqtt) = &doc.mqtt else { return };
+    let m = mqtt.get_ref();
+    let at = span(mqtt.span());
+    if m.password_file.is_some() && m.username.is_none() {
+        out.push(
+            Diagnostic::error("bad-mqtt", at, "[mqtt] password_file without a username")
+                .with_hint("add `username = \"...\"`"),
+        );
+    }
+    if m.ca_file.is_some() && !m.tls {
+        out.push(
+            Diagnostic::warning("bad-mqtt", at, "[mqtt] ca_file is set but tls is off")
+                .with_hint("add `tls = true`"),
+        );
+    }
+    if m.embedded && m.host.parse::<std::net::IpAddr>().is_err() {
+        out.push(
+            Diagnostic::error(
+                "bad-mqtt",
+                at,
+                format!(
+                    "an embedded broker listens on an IP address, not `{}`",
+                    m.host
+                ),
+            )
+            .with_hint("host = \"127.0.0.1\" (loopback) for a single workcell"),
+        );
+    }
+    if m.outbox_limit == Some(0) {
+        out.push(
+            Diagnostic::error("bad-mqtt", at, "outbox_limit must be at least 1")
+                .with_hint("the default keeps 1000000 messages"),
+        );
+    }
+    for (key, file) in [
+        ("password_file", &m.password_file),
+        ("ca_file", &m.ca_file),
+        ("command_key_file", &m.command_key_file),
+    ] {
+        if let Some(f) = file {
+            if !base.join(f).is_file() {
+                out.push(
+                    Diagnostic::error(
+                        "missing-file",
+                        at,
+                        format!("[mqtt] {key} `{f}` does not exist"),
+                    )
+                    .with_hint("paths are relative to the lab file's folder"),
+                );
+            }
+        }
+    }
+}
+
 /// Protocol checks against a lab file's devices: roles bound like a run binds
 /// them, limits and slots from the profiles.
 pub struct LabLimits<'a> {
@@ -866,5 +941,25 @@ mod tests {
             "not a clock speed",
         );
         has("[controler]\n", "lab-syntax", "unknown field");
+        has(
+            "[mqtt]\nhost = \"h\"\npassword_file = \"p\"\n",
+            "bad-mqtt",
+            "without a username",
+        );
+        has(
+            "[mqtt]\nhost = \"broker.lan\"\nembedded = true\n",
+            "bad-mqtt",
+            "IP address",
+        );
+        has(
+            "[mqtt]\nhost = \"h\"\ncommand_key_file = \"nope.key\"\n",
+            "missing-file",
+            "does not exist",
+        );
+        has(
+            "[mqtt]\nhost = \"h\"\noutbox_limit = 0\n",
+            "bad-mqtt",
+            "at least 1",
+        );
     }
 }

@@ -48,7 +48,7 @@ pub fn broker_settings(
             BrokerSettings {
                 host: "127.0.0.1".into(),
                 port: 1883,
-                client_id: controller.id.clone(),
+                client_id: controller.id.get_ref().clone(),
                 credentials: None,
                 tls: None,
                 keep_alive: Duration::from_secs(5),
@@ -78,7 +78,10 @@ pub fn broker_settings(
         BrokerSettings {
             host: m.host.clone(),
             port: m.port,
-            client_id: m.client_id.clone().unwrap_or_else(|| controller.id.clone()),
+            client_id: m
+                .client_id
+                .clone()
+                .unwrap_or_else(|| controller.id.get_ref().clone()),
             credentials,
             tls,
             keep_alive: m.keep_alive.map_or(Duration::from_secs(5), |d| {
@@ -97,17 +100,6 @@ pub fn start(lab: &LabFile, allow_embedded: bool) -> Result<Option<Mqtt>, String
         return Ok(None);
     };
     let controller = &lab.doc.controller;
-    for (what, level) in [
-        ("site", &controller.site),
-        ("cell", &controller.cell),
-        ("id", &controller.id),
-    ] {
-        if !topics::is_topic_level(level) {
-            return Err(format!(
-                "[controller] {what} `{level}` cannot be an MQTT topic level (letters, digits, `_`, `-`, `.`)"
-            ));
-        }
-    }
     let embedded_at = if embedded {
         let addr: std::net::SocketAddr = format!("{}:{}", settings.host, settings.port)
             .parse()
@@ -139,9 +131,9 @@ pub fn start(lab: &LabFile, allow_embedded: bool) -> Result<Option<Mqtt>, String
         .unwrap_or(DEFAULT_OUTBOX_LIMIT);
     let topics = topics::Topics::new(
         topics::PREFIX,
-        &controller.site,
-        &controller.cell,
-        &controller.id,
+        controller.site.get_ref(),
+        controller.cell.get_ref(),
+        controller.id.get_ref(),
     );
     let (publisher, reader, wake) =
         Publisher::open(&link::outbox_path(&lab.data_dir()), limit, topics.clone())

@@ -548,6 +548,73 @@ mod tests {
     }
 
     #[test]
+    fn a_full_outbox_drops_old_telemetry_and_raises_an_alarm_until_it_drains() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = Topics::new("bf/v1", "s", "c", "x");
+        let (p, mut reader, _) = Publisher::open(&dir.path().join("o.sqlite"), 10, topics).unwrap();
+        let q = [(
+            "ph".to_string(),
+            Quantity::new(37.0, crate::units::Dimension::Temperature),
+        )];
+        for _ in 0..15 {
+            p.telemetry("br1", None, 0, &q).unwrap();
+        }
+        let rows = reader.next(0, 100).unwrap();
+        let alarm: Vec<_> = rows
+            .iter()
+            .filter(|m| m.topic.ends_with("/alarm/outbox-full"))
+            .collect();
+        assert_eq!(alarm.len(), 1, "one alarm while full");
+        let v: Value = serde_json::from_slice(&alarm[0].payload).unwrap();
+        assert_eq!(v["state"], "active");
+        assert!(rows.len() <= 12, "bounded: {} rows", rows.len());
+        // The broker takes everything; the next message clears the alarm.
+        let ids: Vec<i64> = rows.iter().map(|m| m.id).collect();
+        reader.acknowledge(&ids).unwrap();
+        p.telemetry("br1", None, 0, &q).unwrap();
+        let rows = reader.next(0, 100).unwrap();
+        let cleared = rows
+            .iter()
+            .filter(|m| m.topic.ends_with("/alarm/outbox-full"))
+            .filter_map(|m| serde_json::from_slice::<Value>(&m.payload).ok())
+            .any(|v| v["state"] == "cleared");
+        assert!(cleared, "{rows:?}");
+    }
+
+    #[test]
+    fn device_states_are_published_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = Topics::new("bf/v1", "s", "c", "x");
+        let (p, reader, _) = Publisher::open(&dir.path().join("o.sqlite"), 100, topics).unwrap();
+        p.device_state("d", DeviceState::Ready, None).unwrap();
+        p.device_state("d", DeviceState::Ready, None).unwrap();
+        p.device_state("d", DeviceState::Fault, Some("no reply"))
+            .unwrap();
+        p.device_state("d", DeviceState::Ready, None).unwrap();
+        let sent: Vec<(String, String)> = reader
+            .next(0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                let t = m.topic.rsplit('/').next().unwrap_or("").to_string();
+                (t, String::from_utf8_lossy(&m.payload).to_string())
+            })
+            .collect();
+        let expected: Vec<(String, String)> = [
+            ("$fault", ""),
+            ("$state", "ready"),
+            ("$fault", "no reply"),
+            ("$state", "fault"),
+            ("$fault", ""),
+            ("$state", "ready"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        assert_eq!(sent, expected);
+    }
+
+    #[test]
     fn run_ids_are_topic_levels() {
         let id = new_run_id();
         assert!(super::super::topics::is_topic_level(&id), "{id}");
