@@ -444,13 +444,16 @@ async fn controller(port: u16, name: &str) -> Controller {
     let (commands_tx, commands) = mpsc::channel(16);
     let link = Link::start(&settings, topics.clone(), reader, wake, commands_tx);
     let mut state = link.connection();
-    let connected = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        state.wait_for(|c| *c == Connection::Connected),
-    )
-    .await;
+    let connected = matches!(
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            state.wait_for(|c| *c == Connection::Connected),
+        )
+        .await,
+        Ok(Ok(_))
+    );
     assert!(
-        matches!(connected, Ok(Ok(_))),
+        connected,
         "the link did not connect within {CONNECT_TIMEOUT:?}: {:?}",
         *state.borrow()
     );

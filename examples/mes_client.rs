@@ -358,15 +358,13 @@ async fn main() -> ExitCode {
                 );
                 if Some(*cmd) == start_cmd.as_deref() {
                     match status {
-                        "accepted" | "done" => {
-                            if run_id.is_none() {
-                                run_id = body
-                                    .get("run_id")
-                                    .and_then(Value::as_str)
-                                    .map(str::to_string);
-                                if let Some(r) = &run_id {
-                                    println!("run {r} started");
-                                }
+                        "accepted" | "done" if run_id.is_none() => {
+                            run_id = body
+                                .get("run_id")
+                                .and_then(Value::as_str)
+                                .map(str::to_string);
+                            if let Some(r) = &run_id {
+                                println!("run {r} started");
                             }
                         }
                         // A start that was accepted stays accepted (a resent

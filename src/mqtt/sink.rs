@@ -10,6 +10,8 @@ pub struct MqttRunSink {
     info: RunInfo,
     /// The step started last (`step` in the run's `$state`).
     step: Option<String>,
+    /// Alarms this run raised and did not clear.
+    alarms: Vec<(String, String, String)>,
 }
 
 impl MqttRunSink {
@@ -18,6 +20,7 @@ impl MqttRunSink {
             publisher,
             info,
             step: None,
+            alarms: Vec::new(),
         }
     }
 }
@@ -36,6 +39,8 @@ impl EventSink for MqttRunSink {
                 reason.as_deref(),
                 state.is_final(),
             ),
+            // The prompt events below carry the question and the answer.
+            EventKind::Step { action, .. } if action == "prompt" => Ok(()),
             EventKind::Step {
                 step_id,
                 action,
@@ -66,16 +71,23 @@ impl EventSink for MqttRunSink {
                 state,
                 source,
                 message,
-            } => p.alarm(
-                alarm_id,
-                "warning",
-                match state {
-                    AlarmState::Active => "active",
-                    AlarmState::Cleared => "cleared",
-                },
-                source,
-                message,
-            ),
+            } => {
+                self.alarms.retain(|(id, _, _)| id != alarm_id);
+                if *state == AlarmState::Active {
+                    self.alarms
+                        .push((alarm_id.clone(), source.clone(), message.clone()));
+                }
+                p.alarm(
+                    alarm_id,
+                    "warning",
+                    match state {
+                        AlarmState::Active => "active",
+                        AlarmState::Cleared => "cleared",
+                    },
+                    source,
+                    message,
+                )
+            }
             // A prompt is a step waiting for an answer: `started` carries the
             // question, `completed` the answer (answer_prompt needs the step id).
             EventKind::Prompt {
