@@ -332,6 +332,23 @@ impl Outbox {
         Ok(())
     }
 
+    /// Retained run states beyond the newest `keep` runs (oldest first).
+    pub fn old_run_states(&self, keep: usize) -> Result<Vec<String>, OutboxError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT topic FROM retained WHERE topic LIKE '%/run/%/$state' AND length(payload) > 0 \
+                 ORDER BY COALESCE(outbox_id, 0) DESC LIMIT -1 OFFSET ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([keep as i64], |r| r.get::<_, String>(0))
+            .map_err(|e| self.err(e))?;
+        let mut topics: Vec<String> = rows.filter_map(Result::ok).collect();
+        topics.reverse();
+        Ok(topics)
+    }
+
     /// The retained topics and their payloads.
     pub fn retained(&self) -> Result<Vec<(String, Vec<u8>)>, OutboxError> {
         let mut stmt = self
@@ -462,7 +479,8 @@ impl OutboxReader {
     pub fn forget_cleared(&mut self) -> Result<(), OutboxError> {
         self.conn
             .execute(
-                "DELETE FROM retained WHERE length(payload) = 0 AND topic LIKE '%/alarm/%' \
+                "DELETE FROM retained WHERE length(payload) = 0 \
+                 AND (topic LIKE '%/alarm/%' OR topic LIKE '%/run/%/$state') \
                  AND (outbox_id IS NULL OR outbox_id NOT IN (SELECT id FROM outbox))",
                 [],
             )

@@ -15,6 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
+/// How many runs keep a retained `run/<run_id>/$state` on the broker.
+pub const RETAINED_RUNS: usize = 50;
+
 /// The alarm raised while the outbox is at its bound.
 pub const OUTBOX_FULL_ALARM: &str = "outbox-full";
 
@@ -352,6 +355,9 @@ impl Publisher {
         if is_final {
             messages.push(Self::raw(t.run_current(), b""));
             messages.push(Self::raw(t.state(), b"ready"));
+            // The broker keeps the final state of the last runs only.
+            let old = self.with_outbox(|o| o.old_run_states(RETAINED_RUNS))?;
+            messages.extend(old.into_iter().map(|topic| Self::raw(topic, b"")));
         } else {
             let current = serde_json::to_vec(&json!({ "run_id": info.run_id })).unwrap_or_default();
             messages.push(Self::raw(t.run_current(), &current));
@@ -612,6 +618,36 @@ mod tests {
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
         assert_eq!(sent, expected);
+    }
+
+    #[test]
+    fn only_the_last_runs_keep_a_retained_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = Topics::new("bf/v1", "s", "c", "x");
+        let (p, mut reader, _) =
+            Publisher::open(&dir.path().join("o.sqlite"), 10_000, topics).unwrap();
+        for i in 0..RETAINED_RUNS + 3 {
+            let info = RunInfo::new(&format!("r{i}"), "p", None, "", Value::Null, None);
+            p.run_state(&info, 0, "running", None, None, false).unwrap();
+            p.run_state(&info, 0, "completed", None, None, true)
+                .unwrap();
+        }
+        let rows = reader.next(0, 100_000).unwrap();
+        let ids: Vec<i64> = rows.iter().map(|m| m.id).collect();
+        reader.acknowledge(&ids).unwrap();
+        reader.forget_cleared().unwrap();
+        let kept = reader
+            .retained_to_republish()
+            .unwrap()
+            .into_iter()
+            .filter(|(t, _)| t.ends_with("/$state") && t.contains("/run/"))
+            .count();
+        assert_eq!(kept, RETAINED_RUNS);
+        // The oldest runs were cleared on the broker with an empty payload.
+        assert!(
+            rows.iter()
+                .any(|m| m.topic == "bf/v1/s/c/x/run/r0/$state" && m.payload.is_empty())
+        );
     }
 
     #[test]
