@@ -288,9 +288,6 @@ async fn poll_device(
 ) {
     use crate::device::DeviceState;
     let device = handle.device();
-    if signals.is_empty() {
-        return;
-    }
     let state = match tokio::time::timeout(READ_TIMEOUT, device.connect()).await {
         Ok(Ok(())) => (DeviceState::Ready, None),
         Ok(Err(e)) => (DeviceState::Disconnected, Some(e.to_string())),
@@ -301,6 +298,10 @@ async fn poll_device(
     };
     let _ = publisher.device_state(&id, state.0, state.1.as_deref());
     let mut healthy = state.0 == DeviceState::Ready;
+    if signals.is_empty() {
+        // Nothing to read (a liquid handler): its state comes from runs.
+        return;
+    }
     // One cycle per distinct period; each cycle reads the signals due.
     let tick = signals
         .iter()

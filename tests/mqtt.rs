@@ -720,7 +720,7 @@ async fn commands(kind: BrokerKind) {
     blocking(|| drop(broker));
 }
 
-/// The broker stops for 10 s mid-run and comes back: the subscriber ends
+/// The broker is killed (SIGKILL) for 10 s mid-run and comes back: the subscriber ends
 /// with every seq, in order; what was written during the outage is replayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_mid_run_loses_nothing() {
@@ -769,7 +769,7 @@ async fn a_broker_outage_mid_run_loses_nothing() {
     })
     .await;
     let before = first_seqs(&sub.received()).len();
-    blocking(|| broker.stop());
+    blocking(|| broker.kill());
     tokio::time::sleep(Duration::from_secs(10)).await;
     blocking(|| broker.restart());
     let received = wait_run_state(&sub, &run_id, "completed", 120).await;
