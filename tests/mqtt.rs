@@ -218,7 +218,7 @@ async fn wait_result(sub: &Subscriber, cmd_id: &str, status: &str) -> Value {
     let what = format!("cmd_result {cmd_id} {status}");
     let received = sub
         .wait_for(&what, Duration::from_secs(30), move |r| {
-            statuses(r, &id).iter().any(|s| *s == status)
+            statuses(r, &id).contains(&status)
         })
         .await;
     results(&received, cmd_id)
@@ -257,7 +257,7 @@ async fn wait_run_state(sub: &Subscriber, run_id: &str, state: &str, secs: u64) 
     sub.wait_for(
         &format!("run {run_id} {state}"),
         Duration::from_secs(secs),
-        move |r| run_states(r, &id).iter().any(|x| *x == s),
+        move |r| run_states(r, &id).contains(&s),
     )
     .await
 }
