@@ -636,8 +636,16 @@ fn main() {
     // backwards; each figure is the median round.
     const SIDES: [(&str, &str, usize); 3] = [
         ("bare rumqttc", "1 publish per message", 0),
-        ("controller (outbox + link)", "`telemetry()`, 1 message per call", 1),
-        ("controller (outbox + link)", "`send()`, 100 messages per call", DEVICES),
+        (
+            "controller (outbox + link)",
+            "`telemetry()`, 1 message per call",
+            1,
+        ),
+        (
+            "controller (outbox + link)",
+            "`send()`, 100 messages per call",
+            DEVICES,
+        ),
     ];
     // Per side: (seconds, received by the subscriber, mean payload bytes) per round.
     let mut runs: Vec<Vec<(f64, u64, u64)>> = vec![Vec::new(); SIDES.len()];

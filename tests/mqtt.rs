@@ -262,6 +262,27 @@ async fn wait_run_state(sub: &Subscriber, run_id: &str, state: &str, secs: u64) 
     .await
 }
 
+async fn wait_ready(sub: &Subscriber) {
+    sub.wait_for("$state ready", Duration::from_secs(30), |r| {
+        r.iter()
+            .any(|m| m.topic == topic("$state") && m.payload == b"ready")
+    })
+    .await;
+}
+
+/// Waits until the run asks its operator something.
+async fn wait_prompt(sub: &Subscriber, run_id: &str) {
+    let t = topic(&format!("run/{run_id}/event"));
+    sub.wait_for("prompt", Duration::from_secs(30), move |r| {
+        r.iter().any(|m| {
+            m.topic == t
+                && m.json()
+                    .is_some_and(|v| v["action"] == "prompt" && v["phase"] == "started")
+        })
+    })
+    .await;
+}
+
 /// Every message carrying `seq`, first arrivals in arrival order.
 fn first_seqs(received: &[Received]) -> Vec<u64> {
     let mut seen = BTreeSet::new();
@@ -308,11 +329,7 @@ async fn whole_run(kind: BrokerKind) {
     let sub = Subscriber::start(port, "bf/v1/#", &format!("observer-{kind:?}")).await;
     let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
     cell.start();
-    sub.wait_for("$state ready", Duration::from_secs(30), |r| {
-        r.iter()
-            .any(|m| m.topic == topic("$state") && m.payload == b"ready")
-    })
-    .await;
+    wait_ready(&sub).await;
     command(
         port,
         "start_run",
@@ -322,15 +339,7 @@ async fn whole_run(kind: BrokerKind) {
     let done = wait_result(&sub, "run-1", "done").await;
     let run_id = run_id_of(&done);
     // The prompt: answered by MES with the step id from the event.
-    let id = run_id.clone();
-    sub.wait_for("prompt event", Duration::from_secs(30), move |r| {
-        r.iter().any(|m| {
-            m.topic == topic(&format!("run/{id}/event"))
-                && m.json()
-                    .is_some_and(|v| v["action"] == "prompt" && v["phase"] == "started")
-        })
-    })
-    .await;
+    wait_prompt(&sub, &run_id).await;
     command(
         port,
         "answer_prompt",
@@ -448,11 +457,7 @@ async fn commands(kind: BrokerKind) {
     let sub = Subscriber::start(port, &topic("#"), &format!("mes-{kind:?}")).await;
     let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
     cell.start();
-    sub.wait_for("$state ready", Duration::from_secs(30), |r| {
-        r.iter()
-            .any(|m| m.topic == topic("$state") && m.payload == b"ready")
-    })
-    .await;
+    wait_ready(&sub).await;
 
     // No run yet: run commands are rejected with a reason.
     command(port, "pause", json!({"cmd_id": "p0"})).await;
@@ -511,15 +516,7 @@ async fn commands(kind: BrokerKind) {
     )
     .await;
     wait_result(&sub, "a1", "rejected").await;
-    let id = run_id.clone();
-    sub.wait_for("prompt", Duration::from_secs(30), move |r| {
-        r.iter().any(|m| {
-            m.topic == topic(&format!("run/{id}/event"))
-                && m.json()
-                    .is_some_and(|v| v["action"] == "prompt" && v["phase"] == "started")
-        })
-    })
-    .await;
+    wait_prompt(&sub, &run_id).await;
     command(
         port,
         "answer_prompt",
@@ -732,11 +729,7 @@ async fn a_broker_outage_mid_run_loses_nothing() {
     let sub = Subscriber::start(port, "bf/v1/#", "outage-observer").await;
     let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
     cell.start();
-    sub.wait_for("$state ready", Duration::from_secs(30), |r| {
-        r.iter()
-            .any(|m| m.topic == topic("$state") && m.payload == b"ready")
-    })
-    .await;
+    wait_ready(&sub).await;
     command(
         port,
         "start_run",
@@ -744,15 +737,7 @@ async fn a_broker_outage_mid_run_loses_nothing() {
     )
     .await;
     let run_id = run_id_of(&wait_result(&sub, "o1", "done").await);
-    let id = run_id.clone();
-    sub.wait_for("prompt", Duration::from_secs(30), move |r| {
-        r.iter().any(|m| {
-            m.topic == topic(&format!("run/{id}/event"))
-                && m.json()
-                    .is_some_and(|v| v["action"] == "prompt" && v["phase"] == "started")
-        })
-    })
-    .await;
+    wait_prompt(&sub, &run_id).await;
     command(
         port,
         "answer_prompt",
@@ -916,12 +901,7 @@ async fn retained_state_is_published_again_after_a_reconnect_and_the_will_says_l
     let mut cell = Workcell::new(port, "");
     cell.start();
     let first = Subscriber::start(port, "bf/v1/#", "first-look").await;
-    first
-        .wait_for("$state ready", Duration::from_secs(30), |r| {
-            r.iter()
-                .any(|m| m.topic == topic("$state") && m.payload == b"ready")
-        })
-        .await;
+    wait_ready(&first).await;
     drop(first);
     blocking(|| broker.kill());
     tokio::time::sleep(Duration::from_secs(1)).await;
