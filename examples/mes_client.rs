@@ -98,7 +98,10 @@ async fn poll(mut eventloop: rumqttc::EventLoop, tx: mpsc::UnboundedSender<Net>)
                 payload: p.payload.to_vec(),
                 retain: p.retain,
             },
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => Net::Disconnected,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                let _ = tx.send(Net::Disconnected);
+                return;
+            }
             Ok(_) => continue,
             Err(e) => {
                 eprintln!("mqtt: {e}; retrying in 1 s");
@@ -119,36 +122,57 @@ fn unix_ms() -> u128 {
 }
 
 /// Tracks the controller's `seq`: one more per message, no gaps, no repeats.
+///
+/// On every reconnect the controller re-publishes its retained state (run
+/// `$state`, alarms) as it was first sent, `seq` included: a repeat on such a
+/// topic is counted as re-published state, not as a duplicate.
 #[derive(Default)]
 struct SeqCheck {
+    first: Option<u64>,
     last: Option<u64>,
     seen: HashSet<u64>,
     gaps: u64,
+    late: u64,
     duplicates: u64,
+    republished: u64,
 }
 
 impl SeqCheck {
-    fn check(&mut self, seq: u64, topic: &str, replayed: bool) {
+    fn check(&mut self, seq: u64, topic: &str, replayed: bool, state_topic: bool) {
         let tag = if replayed { " (replayed)" } else { "" };
-        if !self.seen.insert(seq) {
+        let first = *self.first.get_or_insert(seq);
+        let last = self.last.unwrap_or(seq);
+        let repeat = !self.seen.insert(seq);
+        if state_topic && (repeat || seq < first) {
+            self.republished += 1;
+            println!("   seq {seq}: re-published retained state on {topic}");
+        } else if repeat {
             self.duplicates += 1;
             println!("!! seq {seq} seen again{tag} on {topic}");
-            return;
+        } else if seq > last + 1 {
+            self.gaps += 1;
+            println!("!! seq gap: {} missing before {seq} on {topic}", seq - last - 1);
+        } else if seq < last {
+            self.late += 1;
+            println!("!! seq {seq} arrived late{tag} (after {last}) on {topic}");
         }
-        match self.last {
-            Some(last) if seq > last + 1 => {
-                self.gaps += 1;
-                println!(
-                    "!! seq gap: {} missing before {seq} on {topic}",
-                    seq - last - 1
-                );
-            }
-            Some(last) if seq < last => {
-                println!("!! seq {seq} out of order{tag} (after {last}) on {topic}");
-            }
-            _ => {}
-        }
-        self.last = Some(self.last.map_or(seq, |l| l.max(seq)));
+        self.last = Some(last.max(seq));
+    }
+
+    fn summary(&self) -> String {
+        let (Some(first), Some(last)) = (self.first, self.last) else {
+            return "no message with a seq".to_string();
+        };
+        let got = self.seen.iter().filter(|s| (first..=last).contains(*s)).count() as u64;
+        format!(
+            "seq {first}..{last}: {} missing, {} gap(s), {} late, {} duplicate(s), \
+             {} re-published retained state",
+            last - first + 1 - got,
+            self.gaps,
+            self.late,
+            self.duplicates,
+            self.republished
+        )
     }
 }
 
@@ -158,6 +182,8 @@ struct Client {
     key: Option<Vec<u8>>,
     /// cmd_ids this client sent.
     sent: HashSet<String>,
+    /// Those without a final result (done, rejected, failed) yet.
+    pending: HashSet<String>,
 }
 
 impl Client {
@@ -184,7 +210,22 @@ impl Client {
             eprintln!("cannot queue {verb}: {e}");
         }
         self.sent.insert(cmd_id.clone());
+        self.pending.insert(cmd_id.clone());
         cmd_id
+    }
+
+    /// Prints a result of one of this client's commands; returns its status.
+    fn result<'a>(&mut self, n: &str, cmd: &str, body: &'a Value) -> &'a str {
+        let status = text(body, "status");
+        let reason = body.get("reason").and_then(Value::as_str);
+        println!(
+            "[{n}] cmd_result {cmd}: {status}{}",
+            reason.map_or(String::new(), |r| format!(" ({r})"))
+        );
+        if status != "accepted" {
+            self.pending.remove(cmd);
+        }
+        status
     }
 }
 
@@ -251,6 +292,7 @@ async fn main() -> ExitCode {
         root: root.clone(),
         key,
         sent: HashSet::new(),
+        pending: HashSet::new(),
     };
     let prefix = format!("{root}/");
     let mut start_cmd: Option<String> = None;
@@ -323,10 +365,15 @@ async fn main() -> ExitCode {
             .and_then(Value::as_bool)
             .unwrap_or(false);
         if let (Some(n), false) = (number, retain) {
-            seq.check(n, &topic, replayed);
+            let state_topic = topic.ends_with("/$state") || levels.first() == Some(&"alarm");
+            seq.check(n, &topic, replayed, state_topic);
         }
         let n = number.map_or("-".to_string(), |n| n.to_string());
-        let old = if retain { " (retained)" } else { "" };
+        let old = match (retain, replayed) {
+            (true, _) => " (retained)",
+            (false, true) => " (replayed)",
+            (false, false) => "",
+        };
         match levels.as_slice() {
             ["$state"] => println!("controller: {}{old}", String::from_utf8_lossy(&payload)),
             ["$description"] => println!(
@@ -334,14 +381,18 @@ async fn main() -> ExitCode {
                 body["devices"].as_array().map_or(0, Vec::len),
                 body["protocols"]
             ),
-            ["device", device, "$state"] => {
+            // The busy/ready churn of a run is left out; faults and the state on
+            // connecting are not.
+            ["device", device, "$state"]
+                if retain || !matches!(&payload[..], b"busy" | b"ready") =>
+            {
                 println!(
                     "device {device}: {}{old}",
                     String::from_utf8_lossy(&payload)
                 )
             }
             ["device", device, "telemetry"] => {
-                println!("[{n}] {device}: {}", compact_values(&body["values"]))
+                println!("[{n}] {device}: {}{old}", compact_values(&body["values"]))
             }
             ["alarm", alarm] if !payload.is_empty() => println!(
                 "[{n}] alarm {alarm}: {} {} {}{old}",
@@ -350,12 +401,7 @@ async fn main() -> ExitCode {
                 text(&body, "message")
             ),
             ["cmd_result", cmd] if client.sent.contains(*cmd) => {
-                let status = text(&body, "status");
-                let reason = body.get("reason").and_then(Value::as_str);
-                println!(
-                    "[{n}] cmd_result {cmd}: {status}{}",
-                    reason.map_or(String::new(), |r| format!(" ({r})"))
-                );
+                let status = client.result(&n, cmd, &body);
                 if Some(*cmd) == start_cmd.as_deref() {
                     match status {
                         "accepted" | "done" if run_id.is_none() => {
@@ -379,7 +425,7 @@ async fn main() -> ExitCode {
                 let step = body.get("step").and_then(Value::as_str).unwrap_or("-");
                 let reason = body.get("reason").and_then(Value::as_str);
                 println!(
-                    "[{n}] run {state} (step {step}){}",
+                    "[{n}] run {state} (step {step}){}{old}",
                     reason.map_or(String::new(), |r| format!(": {r}"))
                 );
                 match state {
@@ -394,7 +440,7 @@ async fn main() -> ExitCode {
                 let phase = text(&body, "phase");
                 let detail = body.get("detail").and_then(Value::as_str);
                 println!(
-                    "[{n}] step {step} {action} {phase}{}",
+                    "[{n}] step {step} {action} {phase}{}{old}",
                     detail.map_or(String::new(), |d| format!(": {d}"))
                 );
                 if action == "prompt" && phase == "started" && prompts_open.insert(step.to_string())
@@ -414,12 +460,30 @@ async fn main() -> ExitCode {
         }
     };
 
-    println!(
-        "seq check: {} gap(s), {} duplicate(s); last seq {}",
-        seq.gaps,
-        seq.duplicates,
-        seq.last.map_or("-".to_string(), |s| s.to_string())
-    );
+    // The answer to the last prompt may come after the run's end: wait briefly.
+    let linger = tokio::time::sleep(Duration::from_secs(2));
+    tokio::pin!(linger);
+    while !client.pending.is_empty() {
+        let net = tokio::select! {
+            net = rx.recv() => net,
+            _ = &mut linger => break,
+        };
+        match net {
+            Some(Net::Message { topic, payload, retain: false }) => {
+                let cmd = topic.strip_prefix(&format!("{prefix}cmd_result/"));
+                let body: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+                if let Some(n) = body.get("seq").and_then(Value::as_u64) {
+                    seq.check(n, &topic, false, topic.ends_with("/$state"));
+                    if let Some(cmd) = cmd.filter(|c| client.sent.contains(*c)) {
+                        client.result(&n.to_string(), cmd, &body);
+                    }
+                }
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    println!("seq check: {}", seq.summary());
     // Say goodbye so the broker does not wait for the keep-alive; bounded.
     if client.mqtt.disconnect().await.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
