@@ -4,18 +4,21 @@
 //! What it does, in order:
 //! - subscribes to `R/#` (QoS 1) on every CONNACK, so a reconnect loses nothing
 //!   it could still get;
-//! - publishes `R/cmd/start_run` with a fresh `cmd_id` (`mes-<unix ms>`) and an
-//!   `expires_at` 60 s ahead, signed when `--key-file` is given;
+//! - publishes `R/cmd/start_run` with a fresh `cmd_id` (`mes-<unix ms>-<n>`)
+//!   and an `expires_at` 60 s ahead, signed when `--key-file` is given;
 //! - prints every `cmd_result` of its commands, the run's `$state` and events
 //!   (one line each: seq, step, phase), and telemetry compactly;
 //! - answers every operator prompt (an event with action `prompt`, phase
 //!   `started`) with `answer_prompt`, response `--answer` (default `done`);
-//! - checks the controller's `seq` for gaps and duplicates and reports them.
+//! - checks the controller's `seq` for gaps and duplicates and reports them
+//!   (retained state the controller re-publishes on reconnecting repeats its
+//!   old `seq`: counted apart); messages replayed after an outage are marked.
 //!
 //! Exit status: 0 when the run completes, 1 when it ends failed, aborted or
 //! stopped, 2 when the start is rejected or nothing ends within `--timeout`.
 //!
-//! Against a local `serve` (the lab's clock runs 60 times faster):
+//! Against a local `serve` (the lab's clock runs 60 times faster, so
+//! heat_shock_transformation takes about 2 minutes):
 //!
 //! ```text
 //! mosquitto -p 1883 &
@@ -24,7 +27,8 @@
 //!     --root bf/v1/demo/mqtt-cell/sim-1 --protocol heat_shock_transformation
 //! ```
 //!
-//! Parameters override the protocol's (`--param volume="20 uL"`, repeatable).
+//! Parameters override the protocol's (`--param volume="20 uL"`, repeatable);
+//! `--operator` names who starts the run; `--timeout` (600 s) bounds the wait.
 //! When the lab sets `[mqtt] command_key_file`, pass the same file with
 //! `--key-file`: commands are then sent as HMAC-signed envelopes.
 
@@ -151,7 +155,10 @@ impl SeqCheck {
             println!("!! seq {seq} seen again{tag} on {topic}");
         } else if seq > last + 1 {
             self.gaps += 1;
-            println!("!! seq gap: {} missing before {seq} on {topic}", seq - last - 1);
+            println!(
+                "!! seq gap: {} missing before {seq} on {topic}",
+                seq - last - 1
+            );
         } else if seq < last {
             self.late += 1;
             println!("!! seq {seq} arrived late{tag} (after {last}) on {topic}");
@@ -163,7 +170,11 @@ impl SeqCheck {
         let (Some(first), Some(last)) = (self.first, self.last) else {
             return "no message with a seq".to_string();
         };
-        let got = self.seen.iter().filter(|s| (first..=last).contains(*s)).count() as u64;
+        let got = self
+            .seen
+            .iter()
+            .filter(|s| (first..=last).contains(*s))
+            .count() as u64;
         format!(
             "seq {first}..{last}: {} missing, {} gap(s), {} late, {} duplicate(s), \
              {} re-published retained state",
@@ -469,7 +480,11 @@ async fn main() -> ExitCode {
             _ = &mut linger => break,
         };
         match net {
-            Some(Net::Message { topic, payload, retain: false }) => {
+            Some(Net::Message {
+                topic,
+                payload,
+                retain: false,
+            }) => {
                 let cmd = topic.strip_prefix(&format!("{prefix}cmd_result/"));
                 let body: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
                 if let Some(n) = body.get("seq").and_then(Value::as_u64) {

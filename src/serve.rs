@@ -318,10 +318,13 @@ async fn poll_device(
         let mut values: Vec<(String, Quantity)> = Vec::new();
         let mut failure = None;
         for (i, (name, period)) in signals.iter().enumerate() {
-            if now_s + 1e-6 < next_due[i] {
+            // Half a tick of slack: a tick that wakes a little early is on time.
+            if now_s + tick / 2.0 < next_due[i] {
                 continue;
             }
-            next_due[i] = now_s + period;
+            // On the schedule, not from the wake-up time (which drifts late);
+            // after a long stall, start again from now instead of catching up.
+            next_due[i] = (next_due[i] + period).max(now_s + period / 2.0);
             match tokio::time::timeout(READ_TIMEOUT, device.read(name)).await {
                 Ok(Ok(q)) => values.push((name.clone(), q)),
                 Ok(Err(e)) => failure = Some(format!("reading {name}: {e}")),

@@ -10,7 +10,7 @@
 //! and on the next CONNACK the link starts again from the oldest unacknowledged
 //! row. At-least-once delivery comes from the outbox, not from broker sessions.
 
-use super::outbox::{OutboxReader, Stored};
+use super::outbox::{OutboxReader, Stored, mark_replayed};
 use super::topics::Topics;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport};
 use std::collections::{HashMap, VecDeque};
@@ -391,12 +391,12 @@ impl LinkTask {
                 self.cursor = 0;
                 self.live_from = self.reader.high_water().unwrap_or(0);
                 // Subscriptions first (a clean session has none), then retained state.
-                if self
-                    .client
-                    .try_subscribe(self.topics.commands(), QoS::AtLeastOnce)
-                    .is_ok()
-                {
-                    self.tags.push_back(Tag::Other);
+                // Commands, and our own `$state`: a stale last will (`lost`)
+                // delivered after we are back is corrected at once.
+                for filter in [self.topics.commands(), self.topics.state()] {
+                    if self.client.try_subscribe(filter, QoS::AtLeastOnce).is_ok() {
+                        self.tags.push_back(Tag::Other);
+                    }
                 }
                 self.queue_retained();
             }
@@ -428,6 +428,16 @@ impl LinkTask {
                     self.acked.push(id);
                 }
             }
+            PollEvent::Command(incoming) if incoming.topic == self.topics.state() => {
+                if incoming.payload == b"lost" && self.connected {
+                    tracing::warn!(target: "mqtt", "the broker says this controller is lost; publishing its state again");
+                    if let Ok(retained) = self.reader.retained_to_republish() {
+                        let state = self.topics.state();
+                        self.retained
+                            .extend(retained.into_iter().filter(|(t, _)| *t == state));
+                    }
+                }
+            }
             PollEvent::Command(incoming) => {
                 if self.commands.try_send(incoming).is_err() {
                     tracing::warn!(target: "mqtt", "command dropped: the controller's command queue is full");
@@ -448,9 +458,15 @@ impl LinkTask {
     fn fill(&mut self) {
         while self.outstanding() < WINDOW {
             if let Some((topic, payload)) = self.retained.pop_front() {
+                // A copy of a message sent before: its seq is old, so it says so.
                 if self
                     .client
-                    .try_publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone())
+                    .try_publish(
+                        topic.clone(),
+                        QoS::AtLeastOnce,
+                        true,
+                        mark_replayed(&payload),
+                    )
                     .is_err()
                 {
                     self.retained.push_front((topic, payload));

@@ -11,7 +11,7 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// What a message is, which decides what may be dropped at the outbox's bound.
@@ -53,16 +53,25 @@ impl Stored {
     /// The payload as sent after an outage or a restart: a JSON object gains
     /// `"replayed": true`, so consumers can tell history from live values.
     pub fn replayed_payload(&self) -> Vec<u8> {
-        let p = &self.payload;
-        if self.seq.is_some() && p.len() > 2 && p.first() == Some(&b'{') && p.last() == Some(&b'}')
-        {
-            let mut out = Vec::with_capacity(p.len() + 17);
-            out.extend_from_slice(&p[..p.len() - 1]);
-            out.extend_from_slice(b",\"replayed\":true}");
-            out
+        if self.seq.is_some() {
+            mark_replayed(&self.payload)
         } else {
-            p.clone()
+            self.payload.clone()
         }
+    }
+}
+
+/// Adds `"replayed": true` to a JSON object that carries a `seq` (a copy of a
+/// message sent before); other payloads are returned as they are.
+pub fn mark_replayed(p: &[u8]) -> Vec<u8> {
+    let numbered = p.windows(6).any(|w| w == b"\"seq\":");
+    if numbered && p.len() > 2 && p.first() == Some(&b'{') && p.last() == Some(&b'}') {
+        let mut out = Vec::with_capacity(p.len() + 17);
+        out.extend_from_slice(&p[..p.len() - 1]);
+        out.extend_from_slice(b",\"replayed\":true}");
+        out
+    } else {
+        p.to_vec()
     }
 }
 
@@ -94,8 +103,10 @@ pub struct Appended {
 /// Counters shared by the writer and the link (the link deletes).
 #[derive(Debug, Default)]
 pub struct OutboxCounts {
-    /// Messages in the outbox (unsent or unacknowledged).
-    pub unsent: AtomicU64,
+    /// Messages in the outbox (unsent or unacknowledged). Signed: the writer
+    /// counts a message before its commit, so an acknowledgement can never be
+    /// subtracted before the message was added.
+    unsent: AtomicI64,
     /// Telemetry messages dropped at the bound since the controller started.
     pub dropped: AtomicU64,
 }
@@ -150,6 +161,13 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+impl OutboxCounts {
+    /// Messages in the outbox (unsent or unacknowledged).
+    pub fn unsent(&self) -> u64 {
+        self.unsent.load(Ordering::Relaxed).max(0) as u64
+    }
+}
+
 impl Outbox {
     /// Opens (or creates) the outbox at `path`, keeping at most `limit` messages.
     pub fn open(path: &Path, limit: u64) -> Result<Outbox, OutboxError> {
@@ -179,7 +197,7 @@ impl Outbox {
         conn.execute("DELETE FROM commands WHERE received_ms < ?1", [cutoff])
             .map_err(err)?;
         let counts = Arc::new(OutboxCounts::default());
-        counts.unsent.store(unsent.max(0) as u64, Ordering::Relaxed);
+        counts.unsent.store(unsent.max(0), Ordering::Relaxed);
         Ok(Outbox {
             conn,
             path: path.to_path_buf(),
@@ -223,11 +241,15 @@ impl Outbox {
         let mut next_seq = self.next_seq;
         let mut last_seq = None;
         let mut dropped = 0;
-        let unsent = self.counts.unsent.load(Ordering::Relaxed);
+        let unsent = self.counts.unsent();
         let tx = self.conn.transaction().map_err(|e| OutboxError::Sqlite {
             path: self.path.clone(),
             source: e,
         })?;
+        // Counted before the commit makes the rows visible to the link.
+        self.counts
+            .unsent
+            .fetch_add(count as i64, Ordering::Relaxed);
         let result = (|| -> Result<(), rusqlite::Error> {
             if unsent + count > self.limit {
                 // The bound: the oldest telemetry goes first; events never.
@@ -285,17 +307,18 @@ impl Outbox {
         match result.and_then(|_| tx.commit()) {
             Ok(()) => {
                 self.next_seq = next_seq;
-                // The link may delete concurrently: adjust, never overwrite.
-                let _ =
-                    self.counts
-                        .unsent
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                            Some((u + count).saturating_sub(dropped))
-                        });
+                self.counts
+                    .unsent
+                    .fetch_sub(dropped as i64, Ordering::Relaxed);
                 self.counts.dropped.fetch_add(dropped, Ordering::Relaxed);
                 Ok(Appended { last_seq, dropped })
             }
-            Err(e) => Err(self.err(e)),
+            Err(e) => {
+                self.counts
+                    .unsent
+                    .fetch_sub(count as i64, Ordering::Relaxed);
+                Err(self.err(e))
+            }
         }
     }
 
@@ -451,10 +474,9 @@ impl OutboxReader {
             Ok(())
         })();
         result.and_then(|_| tx.commit()).map_err(|e| self.err(e))?;
-        let unsent = &self.counts.unsent;
-        let _ = unsent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-            Some(u.saturating_sub(deleted))
-        });
+        self.counts
+            .unsent
+            .fetch_sub(deleted as i64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -530,7 +552,7 @@ mod tests {
         }
         let mut o = Outbox::open(&path, 100).unwrap();
         assert_eq!(o.next_seq(), 3);
-        assert_eq!(o.counts().unsent.load(Ordering::Relaxed), 2);
+        assert_eq!(o.counts().unsent(), 2);
         o.append(vec![event(3)]).unwrap();
         let r = OutboxReader::open(&o).unwrap();
         let all = r.next(0, 10).unwrap();
@@ -550,14 +572,14 @@ mod tests {
         let mut r = OutboxReader::open(&o).unwrap();
         let ids: Vec<i64> = r.next(0, 3).unwrap().iter().map(|m| m.id).collect();
         r.acknowledge(&ids).unwrap();
-        assert_eq!(o.counts().unsent.load(Ordering::Relaxed), 2);
+        assert_eq!(o.counts().unsent(), 2);
         let rest = r.next(0, 10).unwrap();
         assert_eq!(rest.len(), 2);
         assert_eq!(rest[0].seq, Some(4));
         drop((o, r));
         let o = Outbox::open(&path, 100).unwrap();
         assert_eq!(o.next_seq(), 6);
-        assert_eq!(o.counts().unsent.load(Ordering::Relaxed), 2);
+        assert_eq!(o.counts().unsent(), 2);
     }
 
     #[test]
@@ -574,7 +596,7 @@ mod tests {
         // Only events left to drop: the bound gives way, events are kept.
         let mut o2 = Outbox::open(&dir.path().join("p.sqlite"), 2).unwrap();
         o2.append(vec![event(0), event(1), event(2)]).unwrap();
-        assert_eq!(o2.counts().unsent.load(Ordering::Relaxed), 3);
+        assert_eq!(o2.counts().unsent(), 3);
         assert_eq!(o.counts().dropped.load(Ordering::Relaxed), 1);
     }
 

@@ -10,7 +10,6 @@ use crate::units::Quantity;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
@@ -155,15 +154,14 @@ impl Publisher {
 
     /// Messages waiting for the broker's acknowledgement.
     pub fn unsent(&self) -> u64 {
-        self.with_outbox(|o| Ok(o.counts().unsent.load(Ordering::Relaxed)))
-            .unwrap_or(0)
+        self.with_outbox(|o| Ok(o.counts().unsent())).unwrap_or(0)
     }
 
     /// Writes messages to the outbox (committed when this returns) and wakes the link.
     pub fn send(&self, messages: Vec<NewMessage>) -> Result<Appended, OutboxError> {
         let (appended, unsent, limit) = self.with_outbox(|o| {
             let a = o.append(messages)?;
-            Ok((a, o.counts().unsent.load(Ordering::Relaxed), o.limit()))
+            Ok((a, o.counts().unsent(), o.limit()))
         })?;
         self.inner.wake.notify_one();
         self.watch_bound(appended.dropped, unsent, limit);

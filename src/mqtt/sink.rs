@@ -95,14 +95,17 @@ impl EventSink for MqttRunSink {
                 message,
                 response,
             } => match response {
-                None => p.run_event(
-                    run,
-                    ms,
-                    step_id,
-                    "prompt",
-                    StepPhase::Started,
-                    Some(message),
-                ),
+                None => {
+                    self.step = Some(step_id.clone());
+                    p.run_event(
+                        run,
+                        ms,
+                        step_id,
+                        "prompt",
+                        StepPhase::Started,
+                        Some(message),
+                    )
+                }
                 Some(r) => p.run_event(run, ms, step_id, "prompt", StepPhase::Completed, Some(r)),
             },
             EventKind::Log { step_id, message } => {
