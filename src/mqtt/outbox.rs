@@ -130,7 +130,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     retain INTEGER NOT NULL,
     class INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_class ON outbox (class, id);
+-- No index on class: the bound's delete walks from the oldest row, where
+-- telemetry is most of what it finds, and an index costs every append.
+DROP INDEX IF EXISTS outbox_class;
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY,
     payload BLOB NOT NULL,
@@ -190,6 +192,17 @@ impl Outbox {
             .optional()
             .map_err(err)?
             .map_or(1, |v| v.max(1) as u64);
+        // `meta` is brought up to date when messages are deleted; the
+        // newest unsent message may be ahead of it.
+        let in_outbox: Option<i64> = conn
+            .query_row(
+                "SELECT seq FROM outbox WHERE seq IS NOT NULL ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        let next_seq = next_seq.max(in_outbox.map_or(0, |s| s.max(0) as u64 + 1));
         let unsent: i64 = conn
             .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
             .map_err(err)?;
@@ -295,13 +308,6 @@ impl Outbox {
             }
             drop(insert);
             drop(retained);
-            if next_seq != self.next_seq {
-                tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?1) \
-                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    [next_seq as i64],
-                )?;
-            }
             Ok(())
         })();
         match result.and_then(|_| tx.commit()) {
@@ -467,6 +473,14 @@ impl OutboxReader {
         })?;
         let mut deleted = 0u64;
         let result = (|| -> Result<(), rusqlite::Error> {
+            // The next seq is kept in `meta` before numbered messages leave the
+            // outbox (appends do not write it: one statement less per message).
+            tx.execute(
+                "INSERT INTO meta (key, value) \
+                 SELECT 'next_seq', seq + 1 FROM outbox WHERE seq IS NOT NULL ORDER BY id DESC LIMIT 1 \
+                 ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                [],
+            )?;
             let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
             for id in ids {
                 deleted += stmt.execute([id])? as u64;
