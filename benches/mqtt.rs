@@ -647,7 +647,7 @@ fn main() {
         .expect("runtime");
     let base = Instant::now();
     println!("# MQTT: controller path vs bare rumqttc\n");
-    println!("command: CARGO_TARGET_DIR=/work/target-helper-c cargo bench --bench mqtt");
+    println!("command: cargo bench --bench mqtt");
     println!("broker: {}", broker.description);
     println!("load average at start: {}", loadavg());
     println!(
