@@ -998,3 +998,39 @@ async fn run_publishes_when_the_lab_has_mqtt() {
     assert_seq_complete(&received, 1);
     blocking(|| drop(broker));
 }
+
+/// SIGTERM with a run in progress: the run is aborted (its devices go to their
+/// safe states), the outbox is flushed, and the controller says `disconnected`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_aborts_the_active_run_and_says_disconnected() {
+    let broker = blocking(TestBroker::embedded);
+    let port = broker.port();
+    let sub = Subscriber::start(port, "bf/v1/#", "sigterm-observer").await;
+    let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
+    cell.start();
+    wait_ready(&sub).await;
+    command(
+        port,
+        "start_run",
+        json!({"cmd_id": "t1", "protocol_toml": protocol("8 h")}),
+    )
+    .await;
+    let run_id = run_id_of(&wait_result(&sub, "t1", "done").await);
+    wait_prompt(&sub, &run_id).await;
+    let status = blocking(|| cell.terminate());
+    assert!(status.is_some_and(|s| s.success()), "{}", cell.log());
+    let received = wait_run_state(&sub, &run_id, "aborted", 10).await;
+    let states = run_states(&received, &run_id);
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("aborted"),
+        "{states:?}"
+    );
+    sub.wait_for("disconnected", Duration::from_secs(10), |r| {
+        r.iter()
+            .any(|m| m.topic == topic("$state") && m.payload == b"disconnected")
+    })
+    .await;
+    assert_seq_complete(&sub.received(), 1);
+    blocking(|| drop(broker));
+}
