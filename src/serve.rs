@@ -270,6 +270,10 @@ pub async fn serve(
     for p in pollers {
         p.abort();
     }
+    let stored = publisher.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || stored.wait_telemetry_stored(Duration::from_secs(2)))
+            .await;
     let link_report = link.shutdown(b"disconnected", options.flush).await;
     Ok(ServeReport {
         link: link_report,

@@ -10,7 +10,8 @@ use crate::units::Quantity;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
@@ -78,6 +79,36 @@ struct Inner {
     alarms: Mutex<HashMap<String, AlarmRecord>>,
     /// The device states last published (a state is published when it changes).
     devices: Mutex<HashMap<String, (&'static str, String)>>,
+    /// Device telemetry on its way to the outbox writer thread.
+    telemetry: std::sync::mpsc::SyncSender<NewMessage>,
+    /// Telemetry messages queued and not yet committed.
+    queued: AtomicU64,
+}
+
+/// The writer commits queued telemetry in batches of at most this many.
+const TELEMETRY_BATCH: usize = 1000;
+/// Telemetry waiting for the writer; a full queue makes pollers wait.
+const TELEMETRY_QUEUE: usize = 10_000;
+
+/// Commits queued telemetry in batches: one commit for everything that
+/// arrived meanwhile, so many devices cost one commit, not one each.
+fn telemetry_writer(inner: Weak<Inner>, queue: std::sync::mpsc::Receiver<NewMessage>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < TELEMETRY_BATCH {
+            match queue.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let count = batch.len() as u64;
+        let publisher = Publisher { inner };
+        if let Err(e) = publisher.send(batch) {
+            tracing::error!(target: "mqtt", "telemetry not stored: {e}");
+        }
+        publisher.inner.queued.fetch_sub(count, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -123,6 +154,7 @@ impl Publisher {
             })
             .collect();
         let wake = Arc::new(Notify::new());
+        let (telemetry, queue) = std::sync::mpsc::sync_channel(TELEMETRY_QUEUE);
         let publisher = Publisher {
             inner: Arc::new(Inner {
                 topics,
@@ -131,8 +163,18 @@ impl Publisher {
                 outbox_alarm: Mutex::new(false),
                 alarms: Mutex::new(alarms),
                 devices: Mutex::new(HashMap::new()),
+                telemetry,
+                queued: AtomicU64::new(0),
             }),
         };
+        let weak = Arc::downgrade(&publisher.inner);
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || telemetry_writer(weak, queue))
+            .map_err(|e| OutboxError::Folder {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
         Ok((publisher, reader, wake))
     }
 
@@ -152,9 +194,22 @@ impl Publisher {
         f(&mut outbox)
     }
 
-    /// Messages waiting for the broker's acknowledgement.
+    /// Messages waiting for the broker's acknowledgement (queued telemetry included).
     pub fn unsent(&self) -> u64 {
         self.with_outbox(|o| Ok(o.counts().unsent())).unwrap_or(0)
+            + self.inner.queued.load(Ordering::Relaxed)
+    }
+
+    /// Waits (at most `timeout`) until queued telemetry is in the outbox.
+    pub fn wait_telemetry_stored(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.inner.queued.load(Ordering::Relaxed) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Writes messages to the outbox (committed when this returns) and wakes the link.
@@ -276,7 +331,10 @@ impl Publisher {
         self.send(messages).map(|_| ())
     }
 
-    /// One sample cycle of a device.
+    /// One sample cycle of a device, queued for the outbox's writer thread,
+    /// which commits everything queued in one transaction; it is in the outbox
+    /// before it is sent. Run events (and a run's samples) use `send`, which
+    /// returns after the commit.
     pub fn telemetry(
         &self,
         device: &str,
@@ -284,10 +342,16 @@ impl Publisher {
         unix_ms: u64,
         values: &[(String, Quantity)],
     ) -> Result<(), OutboxError> {
-        self.send(vec![
-            self.telemetry_message(device, run_id, unix_ms, values),
-        ])
-        .map(|_| ())
+        let message = self.telemetry_message(device, run_id, unix_ms, values);
+        self.inner.queued.fetch_add(1, Ordering::Relaxed);
+        match self.inner.telemetry.send(message) {
+            Ok(()) => Ok(()),
+            // The writer is gone (never while the publisher lives): store it here.
+            Err(std::sync::mpsc::SendError(message)) => {
+                self.inner.queued.fetch_sub(1, Ordering::Relaxed);
+                self.send(vec![message]).map(|_| ())
+            }
+        }
     }
 
     pub fn telemetry_message(
@@ -562,6 +626,7 @@ mod tests {
         )];
         for _ in 0..15 {
             p.telemetry("br1", None, 0, &q).unwrap();
+            assert!(p.wait_telemetry_stored(Duration::from_secs(5)));
         }
         let rows = reader.next(0, 100).unwrap();
         let alarm: Vec<_> = rows
@@ -576,6 +641,7 @@ mod tests {
         let ids: Vec<i64> = rows.iter().map(|m| m.id).collect();
         reader.acknowledge(&ids).unwrap();
         p.telemetry("br1", None, 0, &q).unwrap();
+        assert!(p.wait_telemetry_stored(Duration::from_secs(5)));
         let rows = reader.next(0, 100).unwrap();
         let cleared = rows
             .iter()

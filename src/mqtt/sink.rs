@@ -65,7 +65,10 @@ impl EventSink for MqttRunSink {
                 state,
                 reason,
             } => p.device_state(device, *state, reason.as_deref()),
-            EventKind::Sample { device, values, .. } => p.telemetry(device, Some(run), ms, values),
+            // Committed before the runtime goes on, like every run event.
+            EventKind::Sample { device, values, .. } => p
+                .send(vec![p.telemetry_message(device, Some(run), ms, values)])
+                .map(|_| ()),
             EventKind::Alarm {
                 alarm_id,
                 state,
