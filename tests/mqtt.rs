@@ -262,6 +262,29 @@ async fn wait_run_state(sub: &Subscriber, run_id: &str, state: &str, secs: u64) 
     .await
 }
 
+/// A workcell that requires signed commands, served and ready, and its observer.
+async fn signed_workcell(port: u16, filter: &str, observer: &str) -> (Subscriber, Workcell) {
+    let sub = Subscriber::start(port, filter, observer).await;
+    let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
+    cell.start();
+    wait_ready(&sub).await;
+    (sub, cell)
+}
+
+/// Starts the test protocol from its text; returns the run id once it asks
+/// its operator something.
+async fn start_to_prompt(port: u16, sub: &Subscriber, cmd_id: &str, wait: &str) -> String {
+    command(
+        port,
+        "start_run",
+        json!({"cmd_id": cmd_id, "protocol_toml": protocol(wait)}),
+    )
+    .await;
+    let run_id = run_id_of(&wait_result(sub, cmd_id, "done").await);
+    wait_prompt(sub, &run_id).await;
+    run_id
+}
+
 async fn wait_ready(sub: &Subscriber) {
     sub.wait_for("$state ready", Duration::from_secs(30), |r| {
         r.iter()
@@ -326,10 +349,7 @@ fn brokers() -> Vec<BrokerKind> {
 async fn whole_run(kind: BrokerKind) {
     let broker = blocking(|| TestBroker::start(kind));
     let port = broker.port();
-    let sub = Subscriber::start(port, "bf/v1/#", &format!("observer-{kind:?}")).await;
-    let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
-    cell.start();
-    wait_ready(&sub).await;
+    let (sub, mut cell) = signed_workcell(port, "bf/v1/#", &format!("observer-{kind:?}")).await;
     command(
         port,
         "start_run",
@@ -454,10 +474,7 @@ async fn every_command_is_answered_and_none_runs_twice() {
 async fn commands(kind: BrokerKind) {
     let broker = blocking(|| TestBroker::start(kind));
     let port = broker.port();
-    let sub = Subscriber::start(port, &topic("#"), &format!("mes-{kind:?}")).await;
-    let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
-    cell.start();
-    wait_ready(&sub).await;
+    let (sub, mut cell) = signed_workcell(port, &topic("#"), &format!("mes-{kind:?}")).await;
 
     // No run yet: run commands are rejected with a reason.
     command(port, "pause", json!({"cmd_id": "p0"})).await;
@@ -726,18 +743,8 @@ async fn a_broker_outage_mid_run_loses_nothing() {
     }
     let mut broker = blocking(|| TestBroker::mosquitto(&BrokerOptions::default()));
     let port = broker.port();
-    let sub = Subscriber::start(port, "bf/v1/#", "outage-observer").await;
-    let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
-    cell.start();
-    wait_ready(&sub).await;
-    command(
-        port,
-        "start_run",
-        json!({"cmd_id": "o1", "protocol_toml": protocol("40 min")}),
-    )
-    .await;
-    let run_id = run_id_of(&wait_result(&sub, "o1", "done").await);
-    wait_prompt(&sub, &run_id).await;
+    let (sub, mut cell) = signed_workcell(port, "bf/v1/#", "outage-observer").await;
+    let run_id = start_to_prompt(port, &sub, "o1", "40 min").await;
     command(
         port,
         "answer_prompt",
@@ -1005,18 +1012,8 @@ async fn run_publishes_when_the_lab_has_mqtt() {
 async fn sigterm_aborts_the_active_run_and_says_disconnected() {
     let broker = blocking(TestBroker::embedded);
     let port = broker.port();
-    let sub = Subscriber::start(port, "bf/v1/#", "sigterm-observer").await;
-    let mut cell = Workcell::new(port, r#"command_key_file = "command.key""#);
-    cell.start();
-    wait_ready(&sub).await;
-    command(
-        port,
-        "start_run",
-        json!({"cmd_id": "t1", "protocol_toml": protocol("8 h")}),
-    )
-    .await;
-    let run_id = run_id_of(&wait_result(&sub, "t1", "done").await);
-    wait_prompt(&sub, &run_id).await;
+    let (sub, mut cell) = signed_workcell(port, "bf/v1/#", "sigterm-observer").await;
+    let run_id = start_to_prompt(port, &sub, "t1", "8 h").await;
     let status = blocking(|| cell.terminate());
     assert!(status.is_some_and(|s| s.success()), "{}", cell.log());
     let received = wait_run_state(&sub, &run_id, "aborted", 10).await;
