@@ -580,3 +580,37 @@ impl LinkTask {
 pub fn outbox_path(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("mqtt-outbox.sqlite")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_holds_no_certificate_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        let e = tls_config(Some(&missing)).unwrap_err();
+        assert!(e.contains("nope.pem"), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = tls_config(Some(&empty)).unwrap_err();
+        assert!(e.contains("holds no certificate"), "{e}");
+    }
+
+    #[test]
+    fn settings_never_show_the_password() {
+        let s = BrokerSettings {
+            host: "h".into(),
+            port: 1,
+            client_id: "c".into(),
+            credentials: Some(("user".into(), "hunter2-secret".into())),
+            tls: None,
+            keep_alive: Duration::from_secs(5),
+        };
+        let shown = format!("{s:?}");
+        assert!(
+            shown.contains("user") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+}
