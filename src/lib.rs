@@ -31,6 +31,7 @@ pub mod clock;
 pub mod device;
 pub mod diagnostics;
 pub mod driver;
+pub mod journal;
 pub mod lab;
 pub mod labware;
 pub mod mqtt;

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 mod devices;
 mod run;
+mod runs;
 
 // Parsing allocates many small strings; mimalloc makes `check` of a 10k-step
 // protocol about a third faster than the system allocator (BENCHMARKS.md).
@@ -114,6 +115,12 @@ enum Command {
     /// Serve simulators of a lab's instruments on pseudo-terminals and Modbus TCP
     /// ports, at the paths and ports the lab file names, until Ctrl-C.
     Sim(devices::SimArgs),
+    /// The run journal of a lab: list runs, show a run's timeline, export it
+    /// (JSON, or its samples as CSV), verify its hash chain.
+    Runs {
+        #[command(subcommand)]
+        command: runs::RunsCommand,
+    },
     /// The workcell daemon: connects the lab's devices, publishes their telemetry
     /// and every run to MQTT, and runs protocols started by MES (docs/mqtt.md).
     /// Stops cleanly on SIGTERM or Ctrl-C.
@@ -186,6 +193,7 @@ fn main() -> ExitCode {
         } => run::cmd_simulate(&file, &params, &pairs(&binds), seed, format == Format::Json),
         Command::Devices { command } => devices::cmd_devices(command),
         Command::Sim(args) => devices::cmd_sim(args),
+        Command::Runs { command } => runs::cmd_runs(command),
         Command::Serve {
             lab,
             speed,

@@ -218,27 +218,36 @@ pub fn cmd_run(
         let console = ConsoleSink::new(interactive, total_steps, estimate, speed);
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let mut bus = EventBus::new();
-        bus.add_sink(Box::new(console));
-        bus.add_sink(Box::new(ChannelSink(events_tx)));
         // A lab file with [mqtt]: the run is published like a run of `serve`.
         let mqtt = match &lab_file {
             Some(l) => biofoundry::mqtt::start(l, false)?,
             None => None,
         };
-        if let (Some(m), Some(l)) = (&mqtt, &lab_file) {
-            let text = std::fs::read_to_string(file).unwrap_or_default();
-            let params_json: serde_json::Map<String, serde_json::Value> = params
-                .iter()
-                .map(|p| (p.name.clone(), serde_json::Value::String(p.value.clone())))
-                .collect();
-            let info = RunInfo::new(
-                &new_run_id(),
-                &protocol.name,
-                protocol.version.as_deref(),
-                &text,
-                serde_json::Value::Object(params_json),
-                None,
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let params_json: serde_json::Map<String, serde_json::Value> = params
+            .iter()
+            .map(|p| (p.name.clone(), serde_json::Value::String(p.value.clone())))
+            .collect();
+        let info = RunInfo::new(
+            &new_run_id(),
+            &protocol.name,
+            protocol.version.as_deref(),
+            &text,
+            serde_json::Value::Object(params_json),
+            None,
+        );
+        // With a lab file the run is journaled (first: before anything reports it).
+        if let Some(l) = &lab_file {
+            let journal = biofoundry::journal::begin_run(l, &info, &text, &setup, "operator (CLI)")
+                .map_err(|e| e.to_string())?;
+            bus.add_sink(Box::new(journal));
+            println!(
+                "Run {} (journal: {})",
+                info.run_id,
+                biofoundry::journal::journal_path(&l.data_dir()).display()
             );
+        }
+        if let (Some(m), Some(l)) = (&mqtt, &lab_file) {
             let key = l
                 .doc
                 .mqtt
@@ -249,6 +258,8 @@ pub fn cmd_run(
                 .map_err(|e| e.to_string())?;
             bus.add_sink(Box::new(MqttRunSink::new(m.publisher.clone(), info)));
         }
+        bus.add_sink(Box::new(console));
+        bus.add_sink(Box::new(ChannelSink(events_tx)));
         let (handle, task) = spawn(setup, clock, bus);
         if let Some(e) = estimate {
             println!(

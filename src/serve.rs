@@ -652,6 +652,19 @@ impl Workcell {
             operator.as_deref(),
         );
         let mut bus = EventBus::new();
+        // The journal first: an event is in it before MQTT reports it.
+        match crate::journal::begin_run(&self.lab, &info, &text, &setup, &format!("mes ({id})")) {
+            Ok(journal) => bus.add_sink(Box::new(journal)),
+            Err(e) => {
+                self.answer(
+                    id,
+                    CmdStatus::Failed,
+                    Some(&format!("cannot start the run's journal: {e}")),
+                    Some(&run_id),
+                );
+                return;
+            }
+        }
         bus.add_sink(Box::new(MqttRunSink::new(self.publisher.clone(), info)));
         let (handle, task) = spawn(setup, self.clock, bus);
         if let Ok(mut r) = self.current_run.lock() {

@@ -3,10 +3,10 @@
 //! Every quantity is stored in one canonical unit per dimension (µL, s, °C, rpm,
 //! %, mL/min, or a bare number) so comparisons never mix units.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Dimension {
     Volume,

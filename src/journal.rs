@@ -1,0 +1,559 @@
+//! The run journal: every run's header (protocol text and sha256, parameters,
+//! bindings, lab file, controller version, operator) and every event of the
+//! run, in an SQLite file in the lab's data folder. Each entry carries the
+//! sha256 of the previous entry's hash and its own JSON text, so changing,
+//! removing or reordering an entry breaks the chain (`biofoundry runs verify`).
+//!
+//! Entries are committed one by one, synchronously, by the first sink on the
+//! bus: an event is in the journal before the console or MQTT report it.
+
+use crate::runtime::events::{Event, EventKind, EventSink};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The chain's first `prev` (the header entry's).
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("journal {path}: cannot create its folder: {source}")]
+    Folder {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no run `{0}` in the journal")]
+    UnknownRun(String),
+}
+
+/// What is known about a run when it starts.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunHeader {
+    pub run_id: String,
+    pub protocol: String,
+    pub version: Option<String>,
+    pub sha256: String,
+    /// The protocol file's text, as run.
+    pub text: String,
+    pub params: Value,
+    /// role → device id.
+    pub bindings: Value,
+    /// The lab file's text, when the run had one.
+    pub lab: Option<String>,
+    pub controller_version: String,
+    pub operator: Option<String>,
+    /// Who started it: `operator (CLI)` or `mes (<cmd_id>)`.
+    pub source: String,
+    pub started_ms: u64,
+}
+
+/// One row of `runs list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub protocol: String,
+    pub state: String,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub entries: u64,
+}
+
+/// One journal entry: its JSON text is what the hash covers.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub seq: u64,
+    pub kind: String,
+    pub body: String,
+    pub prev: String,
+    pub hash: String,
+}
+
+impl Entry {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// The outcome of `runs verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    Intact {
+        entries: u64,
+    },
+    /// The first entry (by seq) that does not match the chain, and why.
+    Broken {
+        seq: u64,
+        reason: String,
+    },
+}
+
+fn chain_hash(prev: &str, body: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(prev.as_bytes());
+    h.update(b"\n");
+    h.update(body.as_bytes());
+    hex::encode(h.finalize())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    protocol TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_ms INTEGER NOT NULL,
+    ended_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS entries (
+    run_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+";
+
+/// Where a lab's journal lives.
+pub fn journal_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("journal.sqlite")
+}
+
+fn open_connection(path: &Path) -> Result<Connection, JournalError> {
+    let err = |source| JournalError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| JournalError::Folder {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let conn = Connection::open(path).map_err(err)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(err)?;
+    conn.execute_batch(SCHEMA).map_err(err)?;
+    Ok(conn)
+}
+
+/// Reading the journal: runs, entries, verification.
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Journal {
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        Ok(Journal {
+            conn: open_connection(path)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> JournalError {
+        JournalError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Starts a run's journal: its header is entry 0 of its chain.
+    pub fn begin(&self, header: &RunHeader) -> Result<JournalSink, JournalError> {
+        let body = serde_json::to_string(&serde_json::json!({ "type": "run", "header": header }))
+            .unwrap_or_default();
+        let hash = chain_hash(GENESIS, &body);
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO runs (run_id, protocol, state, started_ms) VALUES (?1, ?2, 'idle', ?3)",
+            params![header.run_id, header.protocol, header.started_ms as i64],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO entries (run_id, seq, kind, body, prev, hash) VALUES (?1, 0, 'run', ?2, ?3, ?4)",
+            params![header.run_id, body, GENESIS, hash],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(JournalSink {
+            conn: open_connection(&self.path)?,
+            path: self.path.clone(),
+            run_id: header.run_id.clone(),
+            prev: hash,
+        })
+    }
+
+    /// Every run, newest first.
+    pub fn runs(&self) -> Result<Vec<RunSummary>, JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT r.run_id, r.protocol, r.state, r.started_ms, r.ended_ms, \
+                 (SELECT COUNT(*) FROM entries e WHERE e.run_id = r.run_id) \
+                 FROM runs r ORDER BY r.started_ms DESC, r.run_id DESC",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RunSummary {
+                    run_id: r.get(0)?,
+                    protocol: r.get(1)?,
+                    state: r.get(2)?,
+                    started_ms: r.get::<_, i64>(3)?.max(0) as u64,
+                    ended_ms: r.get::<_, Option<i64>>(4)?.map(|v| v.max(0) as u64),
+                    entries: r.get::<_, i64>(5)?.max(0) as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// A run's entries in order (entry 0 is the header).
+    pub fn entries(&self, run_id: &str) -> Result<Vec<Entry>, JournalError> {
+        let known: Option<String> = self
+            .conn
+            .query_row("SELECT run_id FROM runs WHERE run_id = ?1", [run_id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if known.is_none() {
+            return Err(JournalError::UnknownRun(run_id.to_string()));
+        }
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT seq, kind, body, prev, hash FROM entries WHERE run_id = ?1 ORDER BY seq",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([run_id], |r| {
+                Ok(Entry {
+                    seq: r.get::<_, i64>(0)?.max(0) as u64,
+                    kind: r.get(1)?,
+                    body: r.get(2)?,
+                    prev: r.get(3)?,
+                    hash: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Recomputes the chain: every entry's hash from the previous hash and its
+    /// text, seq without gaps from 0, and the columns agreeing with the text.
+    pub fn verify(&self, run_id: &str) -> Result<Verified, JournalError> {
+        let entries = self.entries(run_id)?;
+        let mut prev = GENESIS.to_string();
+        for (i, e) in entries.iter().enumerate() {
+            let broken = |reason: &str| Verified::Broken {
+                seq: e.seq,
+                reason: reason.to_string(),
+            };
+            if e.seq != i as u64 {
+                return Ok(Verified::Broken {
+                    seq: i as u64,
+                    reason: format!("entry {i} is missing (next is {})", e.seq),
+                });
+            }
+            if e.prev != prev {
+                return Ok(broken("it does not follow the entry before it"));
+            }
+            if chain_hash(&prev, &e.body) != e.hash {
+                return Ok(broken("its content was changed after it was written"));
+            }
+            let v = e.json();
+            let seq_in_body = if i == 0 { Some(0) } else { v["seq"].as_u64() };
+            if seq_in_body != Some(e.seq) || v["type"].as_str() != Some(e.kind.as_str()) {
+                return Ok(broken("its columns disagree with its content"));
+            }
+            prev = e.hash.clone();
+        }
+        Ok(Verified::Intact {
+            entries: entries.len() as u64,
+        })
+    }
+}
+
+/// The first sink of a run's bus: writes each event to the journal, chained.
+pub struct JournalSink {
+    conn: Connection,
+    path: PathBuf,
+    run_id: String,
+    prev: String,
+}
+
+impl JournalSink {
+    fn write(&mut self, event: &Event) -> Result<(), rusqlite::Error> {
+        let body = serde_json::to_string(event).unwrap_or_default();
+        let kind = serde_json::to_value(&event.kind)
+            .ok()
+            .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default();
+        let hash = chain_hash(&self.prev, &body);
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
+            "INSERT INTO entries (run_id, seq, kind, body, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![self.run_id, event.seq as i64, kind, body, self.prev, hash],
+        )?;
+        if let EventKind::RunState { state, .. } = &event.kind {
+            let ended = state.is_final().then_some(event.unix_ms as i64);
+            tx.execute(
+                "UPDATE runs SET state = ?2, ended_ms = COALESCE(?3, ended_ms) WHERE run_id = ?1",
+                params![self.run_id, state.name(), ended],
+            )?;
+        }
+        tx.commit()?;
+        self.prev = hash;
+        Ok(())
+    }
+}
+
+impl EventSink for JournalSink {
+    fn publish(&mut self, event: &Event) {
+        if let Err(e) = self.write(event) {
+            // The run goes on (a stopped run is worse than a gap); the gap
+            // shows in `runs verify`, and the log says why.
+            tracing::error!(target: "journal", "{}: run {}: {e}", self.path.display(), self.run_id);
+        }
+    }
+}
+
+/// The samples of a run as a tidy table: one row per value.
+pub fn samples_csv(entries: &[Entry]) -> String {
+    let mut out = String::from("run_seq,t_s,time,device,source,signal,value,unit\n");
+    for e in entries.iter().filter(|e| e.kind == "sample") {
+        let v = e.json();
+        let time = v["unix_ms"]
+            .as_u64()
+            .map(crate::mqtt::publisher::timestamp)
+            .unwrap_or_default();
+        let Some(values) = v["values"].as_array() else {
+            continue;
+        };
+        for pair in values {
+            let name = pair[0].as_str().unwrap_or("");
+            let q = &pair[1];
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{}\n",
+                e.seq,
+                v["t_s"].as_f64().unwrap_or(f64::NAN),
+                time,
+                csv_field(v["device"].as_str().unwrap_or("")),
+                csv_field(v["source"].as_str().unwrap_or("")),
+                csv_field(name),
+                q["value"].as_f64().map_or(String::new(), |x| x.to_string()),
+                csv_field(&quantity_unit(q)),
+            ));
+        }
+    }
+    out
+}
+
+fn quantity_unit(q: &Value) -> String {
+    q["unit"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| {
+            let dim: crate::units::Dimension =
+                serde_json::from_value(q["dimension"].clone()).ok()?;
+            Some(dim.canonical_unit().to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// Opens the lab's journal and starts the run's chain; the returned sink goes
+/// first on the run's bus.
+pub fn begin_run(
+    lab: &crate::lab::LabFile,
+    info: &crate::mqtt::publisher::RunInfo,
+    text: &str,
+    setup: &crate::runtime::executor::RunSetup,
+    source: &str,
+) -> Result<JournalSink, JournalError> {
+    let bindings: serde_json::Map<String, Value> = setup
+        .bindings
+        .iter()
+        .map(|(role, h)| (role.clone(), Value::String(h.device().id().to_string())))
+        .collect();
+    let header = RunHeader {
+        run_id: info.run_id.clone(),
+        protocol: info.protocol.clone(),
+        version: info.version.clone(),
+        sha256: info.sha256.clone(),
+        text: text.to_string(),
+        params: info.params.clone(),
+        bindings: Value::Object(bindings),
+        lab: Some(lab.file.text.clone()),
+        controller_version: env!("CARGO_PKG_VERSION").to_string(),
+        operator: info.operator.clone(),
+        source: source.to_string(),
+        started_ms: crate::mqtt::publisher::now_ms(),
+    };
+    Journal::open(&journal_path(&lab.data_dir()))?.begin(&header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::events::StepPhase;
+    use crate::runtime::machine::RunState;
+
+    fn header(run_id: &str) -> RunHeader {
+        RunHeader {
+            run_id: run_id.into(),
+            protocol: "p".into(),
+            version: None,
+            sha256: "x".into(),
+            text: "format = 1".into(),
+            params: Value::Null,
+            bindings: Value::Null,
+            lab: None,
+            controller_version: "0".into(),
+            operator: None,
+            source: "test".into(),
+            started_ms: 1,
+        }
+    }
+
+    fn event(seq: u64, kind: EventKind) -> Event {
+        Event {
+            seq,
+            t_s: seq as f64,
+            unix_ms: 1000 + seq,
+            kind,
+        }
+    }
+
+    fn journal_with_a_run() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.sqlite");
+        let j = Journal::open(&path).unwrap();
+        let mut sink = j.begin(&header("r1")).unwrap();
+        sink.publish(&event(
+            1,
+            EventKind::RunState {
+                state: RunState::Running,
+                reason: None,
+            },
+        ));
+        sink.publish(&event(
+            2,
+            EventKind::Step {
+                step_id: "s1".into(),
+                action: "wait".into(),
+                phase: StepPhase::Started,
+                repetition: None,
+                detail: None,
+            },
+        ));
+        sink.publish(&event(
+            3,
+            EventKind::RunState {
+                state: RunState::Completed,
+                reason: None,
+            },
+        ));
+        (dir, path)
+    }
+
+    #[test]
+    fn a_run_is_listed_and_its_chain_verifies() {
+        let (_dir, path) = journal_with_a_run();
+        let j = Journal::open(&path).unwrap();
+        let runs = j.runs().unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].state, "completed");
+        assert_eq!(runs[0].entries, 4);
+        assert_eq!(j.verify("r1").unwrap(), Verified::Intact { entries: 4 });
+        assert!(matches!(j.verify("nope"), Err(JournalError::UnknownRun(_))));
+    }
+
+    #[test]
+    fn a_changed_removed_or_relabelled_entry_breaks_the_chain() {
+        let (_dir, path) = journal_with_a_run();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE entries SET body = replace(body, 's1', 's9') WHERE seq = 2",
+            [],
+        )
+        .unwrap();
+        let j = Journal::open(&path).unwrap();
+        assert!(matches!(
+            j.verify("r1").unwrap(),
+            Verified::Broken { seq: 2, .. }
+        ));
+
+        let (_dir, path) = journal_with_a_run();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("DELETE FROM entries WHERE seq = 1", [])
+            .unwrap();
+        let j = Journal::open(&path).unwrap();
+        assert!(matches!(
+            j.verify("r1").unwrap(),
+            Verified::Broken { seq: 1, .. }
+        ));
+
+        let (_dir, path) = journal_with_a_run();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("UPDATE entries SET kind = 'alarm' WHERE seq = 2", [])
+            .unwrap();
+        let j = Journal::open(&path).unwrap();
+        let v = j.verify("r1").unwrap();
+        assert!(matches!(v, Verified::Broken { seq: 2, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn samples_become_one_row_per_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.sqlite");
+        let j = Journal::open(&path).unwrap();
+        let mut sink = j.begin(&header("r2")).unwrap();
+        sink.publish(&event(
+            1,
+            EventKind::Sample {
+                device: "br1".into(),
+                source: "watch, ph".into(),
+                values: vec![
+                    (
+                        "temperature".into(),
+                        crate::units::Quantity::new(37.5, crate::units::Dimension::Temperature),
+                    ),
+                    (
+                        "dissolved_oxygen".into(),
+                        crate::units::Quantity::new(40.0, crate::units::Dimension::Percent),
+                    ),
+                ],
+            },
+        ));
+        let csv = samples_csv(&j.entries("r2").unwrap());
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 3, "{csv}");
+        assert!(lines[1].starts_with("1,1,"), "{csv}");
+        assert!(
+            lines[1].contains(",br1,\"watch, ph\",temperature,37.5,C"),
+            "{csv}"
+        );
+    }
+}
