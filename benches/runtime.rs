@@ -1,7 +1,8 @@
 //! Runtime benchmarks (results and commands in BENCHMARKS.md):
 //! - the executor's own cost per step: 100k generated steps on simulated devices
 //!   whose operations take no time, on a virtual clock;
-//! - `simulate` of a 48-hour fed-batch with four signals monitored every 10 s.
+//! - `simulate` of a 48-hour fed-batch with four signals monitored every 10 s;
+//! - the journal's cost: 10k steps with and without the run journal on the bus.
 
 use biofoundry::check::check_source;
 use biofoundry::clock::Clock;
@@ -26,6 +27,15 @@ fn checked(text: &str) -> (biofoundry::protocol::Protocol, biofoundry::plan::Pla
 }
 
 fn run_instant(protocol: &biofoundry::protocol::Protocol, plan: &biofoundry::plan::Plan) {
+    run_instant_with(protocol, plan, None);
+}
+
+/// Events: how many the run produced (for the journal's cost per entry).
+fn run_instant_with(
+    protocol: &biofoundry::protocol::Protocol,
+    plan: &biofoundry::plan::Plan,
+    journal: Option<&std::path::Path>,
+) -> u64 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -42,11 +52,36 @@ fn run_instant(protocol: &biofoundry::protocol::Protocol, plan: &biofoundry::pla
         );
         let setup =
             RunSetup::new(protocol, plan.clone(), &lab, &[], RunOptions::default()).unwrap();
-        let (handle, task) = spawn(setup, clock, EventBus::new());
+        let mut bus = EventBus::new();
+        let counter = biofoundry::runtime::events::MemorySink::default();
+        if let Some(path) = journal {
+            let header = biofoundry::journal::RunHeader {
+                run_id: format!("bench-{}", biofoundry::mqtt::publisher::now_ms()),
+                protocol: protocol.name.clone(),
+                version: None,
+                sha256: String::new(),
+                text: String::new(),
+                params: serde_json::Value::Null,
+                bindings: serde_json::Value::Null,
+                lab: None,
+                controller_version: String::new(),
+                operator: None,
+                source: "bench".into(),
+                started_ms: biofoundry::mqtt::publisher::now_ms(),
+            };
+            let sink = biofoundry::journal::Journal::open(path)
+                .unwrap()
+                .begin(&header)
+                .unwrap();
+            bus.add_sink(Box::new(sink));
+        }
+        bus.add_sink(Box::new(counter.clone()));
+        let (handle, task) = spawn(setup, clock, bus);
         handle.command(RunCommand::Start, "bench").await.unwrap();
         let report = task.await.unwrap();
         assert_eq!(report.state, RunState::Completed);
-    });
+        counter.snapshot().len() as u64
+    })
 }
 
 pub const FED_BATCH_48H: &str = r#"
@@ -110,6 +145,23 @@ fn bench_runtime(c: &mut Criterion) {
             assert_eq!(sim.state, RunState::Completed);
             assert!(sim.duration_s > 40.0 * 3600.0);
         })
+    });
+    group.finish();
+
+    // The journal: the same 10k steps with and without it (one commit per event).
+    let mut group = c.benchmark_group("journal");
+    group.sample_size(10);
+    let (protocol, plan) = checked(&protocol_gen::mixed_steps(10_000));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal.sqlite");
+    let events = run_instant_with(&protocol, &plan, None);
+    println!("journal bench: 10000 steps produce {events} events");
+    group.throughput(Throughput::Elements(10_000));
+    group.bench_function("10k_steps_without_journal", |b| {
+        b.iter(|| run_instant_with(&protocol, &plan, None))
+    });
+    group.bench_function("10k_steps_with_journal", |b| {
+        b.iter(|| run_instant_with(&protocol, &plan, Some(&path)))
     });
     group.finish();
 }
