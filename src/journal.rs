@@ -13,7 +13,6 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// The chain's first `prev` (the header entry's).
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -130,23 +129,21 @@ pub fn journal_path(data_dir: &Path) -> PathBuf {
 }
 
 fn open_connection(path: &Path) -> Result<Connection, JournalError> {
-    let err = |source| JournalError::Sqlite {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| JournalError::Folder {
+    let conn = crate::store::open(path).map_err(|failure| match failure {
+        crate::store::OpenFailure::Folder(source) => JournalError::Folder {
+            path: path.to_path_buf(),
+            source,
+        },
+        crate::store::OpenFailure::Sqlite(source) => JournalError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    conn.execute_batch(SCHEMA)
+        .map_err(|source| JournalError::Sqlite {
             path: path.to_path_buf(),
             source,
         })?;
-    }
-    let conn = Connection::open(path).map_err(err)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(err)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(err)?;
-    conn.execute_batch(SCHEMA).map_err(err)?;
     Ok(conn)
 }
 
@@ -409,7 +406,7 @@ pub fn begin_run(
         controller_version: env!("CARGO_PKG_VERSION").to_string(),
         operator: info.operator.clone(),
         source: source.to_string(),
-        started_ms: crate::mqtt::publisher::now_ms(),
+        started_ms: crate::store::now_ms(),
     };
     Journal::open(&journal_path(&lab.data_dir()))?.begin(&header)
 }

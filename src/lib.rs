@@ -44,6 +44,7 @@ pub mod serve;
 pub mod sim;
 pub mod sinks;
 pub mod source;
+pub mod store;
 pub mod transport;
 pub mod units;
 pub mod validate;

@@ -223,7 +223,8 @@ pub fn cmd_run(
             Some(l) => biofoundry::mqtt::start(l, false)?,
             None => None,
         };
-        let text = std::fs::read_to_string(file).unwrap_or_default();
+        // The text that was checked (not the file again: it may have changed since).
+        let text = protocol.file.text.clone();
         let params_json: serde_json::Map<String, serde_json::Value> = params
             .iter()
             .map(|p| (p.name.clone(), serde_json::Value::String(p.value.clone())))

@@ -12,7 +12,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
 
 /// What a message is, which decides what may be dropped at the outbox's bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,18 +148,16 @@ CREATE TABLE IF NOT EXISTS commands (
 /// happen within minutes; a month is generous).
 const COMMAND_MEMORY_MS: u64 = 30 * 24 * 3600 * 1000;
 
-fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(conn)
-}
+pub use crate::store::now_ms;
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+impl OutboxError {
+    fn opening(path: &Path, failure: crate::store::OpenFailure) -> OutboxError {
+        let path = path.to_path_buf();
+        match failure {
+            crate::store::OpenFailure::Folder(source) => OutboxError::Folder { path, source },
+            crate::store::OpenFailure::Sqlite(source) => OutboxError::Sqlite { path, source },
+        }
+    }
 }
 
 impl OutboxCounts {
@@ -173,17 +170,11 @@ impl OutboxCounts {
 impl Outbox {
     /// Opens (or creates) the outbox at `path`, keeping at most `limit` messages.
     pub fn open(path: &Path, limit: u64) -> Result<Outbox, OutboxError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| OutboxError::Folder {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        }
         let err = |source| OutboxError::Sqlite {
             path: path.to_path_buf(),
             source,
         };
-        let conn = open_connection(path).map_err(err)?;
+        let conn = crate::store::open(path).map_err(|f| OutboxError::opening(path, f))?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         let next_seq: u64 = conn
             .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
@@ -411,10 +402,8 @@ pub struct OutboxReader {
 
 impl OutboxReader {
     pub fn open(outbox: &Outbox) -> Result<OutboxReader, OutboxError> {
-        let conn = open_connection(&outbox.path).map_err(|source| OutboxError::Sqlite {
-            path: outbox.path.clone(),
-            source,
-        })?;
+        let conn =
+            crate::store::open(&outbox.path).map_err(|f| OutboxError::opening(&outbox.path, f))?;
         Ok(OutboxReader {
             conn,
             path: outbox.path.clone(),

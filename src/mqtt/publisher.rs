@@ -27,11 +27,7 @@ pub fn timestamp(unix_ms: u64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::store::now_ms;
 
 /// Device states as MES sees them: `ready`, `busy`, `fault`, `offline`.
 pub fn device_state_name(state: DeviceState) -> &'static str {
