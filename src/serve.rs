@@ -537,6 +537,18 @@ impl Workcell {
         bind: Vec<(String, String)>,
         operator: Option<String>,
     ) {
+        // A run that has ended but whose task has not been joined yet is over.
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.handle.state().is_final())
+        {
+            if let Some(mut ended) = self.active.take() {
+                let report = tokio::time::timeout(Duration::from_secs(10), &mut ended.task).await;
+                self.active = Some(ended);
+                self.finished(report.ok().and_then(Result::ok));
+            }
+        }
         if let Some(active) = &self.active {
             let reason = format!(
                 "a run is already active ({}); one run at a time",

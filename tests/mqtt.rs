@@ -480,6 +480,21 @@ async fn commands(kind: BrokerKind) {
     command(port, "pause", json!({"cmd_id": "p0"})).await;
     let r = wait_result(&sub, "p0", "rejected").await;
     assert_eq!(r["reason"], "no run is active");
+    // A library name that is not there.
+    command(
+        port,
+        "start_run",
+        json!({"cmd_id": "s5", "protocol": "nope"}),
+    )
+    .await;
+    let r = wait_result(&sub, "s5", "rejected").await;
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no protocol `nope` in the library"),
+        "{r}"
+    );
 
     // start_run by library name, then every run verb.
     command(
@@ -1029,5 +1044,23 @@ async fn sigterm_aborts_the_active_run_and_says_disconnected() {
     })
     .await;
     assert_seq_complete(&sub.received(), 1);
+    blocking(|| drop(broker));
+}
+
+/// A command the broker kept (published with retain) would run again at every
+/// reconnect: the controller refuses it when the broker delivers it from its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_command_is_refused() {
+    let broker = blocking(TestBroker::embedded);
+    let port = broker.port();
+    let retained = sign("republish", r#"{"cmd_id":"ret1"}"#, KEY.as_bytes());
+    publish(port, &topic("cmd/republish"), retained.as_bytes(), true).await;
+    let (sub, mut cell) = signed_workcell(port, "bf/v1/#", "retained-observer").await;
+    let r = wait_result(&sub, "ret1", "rejected").await;
+    assert!(
+        r["reason"].as_str().unwrap_or("").contains("retained"),
+        "{r}"
+    );
+    blocking(|| cell.terminate());
     blocking(|| drop(broker));
 }

@@ -872,6 +872,30 @@ mod tests {
     }
 
     #[test]
+    fn topic_levels_and_a_ca_file_without_tls_are_reported_where_written() {
+        let text = "format = \"biofoundry.lab/1\"\n[controller]\nsite = \"s/1\"\ncell = \"c\"\nid = \"x+\"\n\
+                    [mqtt]\nhost = \"h\"\nca_file = \"ca.pem\"\n";
+        let file = SourceFile::new(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/t.toml"),
+            text,
+        );
+        let (_, d) = parse(file.clone());
+        let levels: Vec<_> = d.iter().filter(|d| d.code == "bad-topic-level").collect();
+        assert_eq!(levels.len(), 2, "{d:?}");
+        assert_eq!(file.line_col(levels[0].span.start), (3, 8));
+        assert!(
+            levels[0].message.contains("site `s/1`"),
+            "{}",
+            levels[0].message
+        );
+        assert!(
+            d.iter()
+                .any(|d| !d.is_error() && d.message.contains("ca_file is set but tls is off")),
+            "{d:?}"
+        );
+    }
+
+    #[test]
     fn a_good_lab_has_no_errors() {
         let body = "[simulation]\nspeed = 10\n[[device]]\nid = \"tm1\"\nprofile = \"opentrons-temperature-module\"\ntransport = \"sim://\"\n";
         assert!(errors(body).is_empty(), "{:?}", errors(body));
