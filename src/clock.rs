@@ -12,6 +12,8 @@ pub struct Clock {
     start: Instant,
     /// Simulated seconds per real second (1 for real devices).
     speed: f64,
+    /// Lab time at `start` (a resumed run goes on from where it was).
+    offset_s: f64,
 }
 
 impl Clock {
@@ -25,6 +27,16 @@ impl Clock {
         Clock {
             start: Instant::now(),
             speed,
+            offset_s: 0.0,
+        }
+    }
+
+    /// The same clock, reading `t_s` now.
+    pub fn reading(self, t_s: f64) -> Self {
+        let elapsed = self.start.elapsed().as_secs_f64() * self.speed;
+        Clock {
+            offset_s: if t_s.is_finite() { t_s - elapsed } else { 0.0 },
+            ..self
         }
     }
 
@@ -34,7 +46,7 @@ impl Clock {
 
     /// Seconds of lab time since the clock started.
     pub fn now_s(&self) -> f64 {
-        self.start.elapsed().as_secs_f64() * self.speed
+        self.offset_s + self.start.elapsed().as_secs_f64() * self.speed
     }
 
     /// Waits `seconds` of lab time.

@@ -4,8 +4,10 @@
 //! sha256 of the previous entry's hash and its own JSON text, so changing,
 //! removing or reordering an entry breaks the chain (`biofoundry runs verify`).
 //!
-//! Entries are committed one by one, synchronously, by the first sink on the
-//! bus: an event is in the journal before the console or MQTT report it.
+//! The journal is the bus's durable sink: entries are chained as events happen
+//! and committed together at the bus's flush points (before a device is sent
+//! an operation, before the runtime waits), always before the console or MQTT
+//! report them.
 
 use crate::runtime::events::{Event, EventKind, EventSink};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -190,7 +192,57 @@ impl Journal {
             path: self.path.clone(),
             run_id: header.run_id.clone(),
             prev: hash,
+            buffered: Vec::new(),
         })
+    }
+
+    /// Goes on with a run's chain (resuming it): the returned sink chains
+    /// after the last entry.
+    pub fn resume(&self, run_id: &str) -> Result<JournalSink, JournalError> {
+        let last: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT hash FROM entries WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1",
+                params![run_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let prev = last.ok_or_else(|| JournalError::UnknownRun(run_id.to_string()))?;
+        Ok(JournalSink {
+            conn: open_connection(&self.path)?,
+            path: self.path.clone(),
+            run_id: run_id.to_string(),
+            prev,
+            buffered: Vec::new(),
+        })
+    }
+
+    /// The header a run started with (entry 0).
+    pub fn header(&self, run_id: &str) -> Result<Value, JournalError> {
+        let body: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT body FROM entries WHERE run_id = ?1 AND seq = 0",
+                params![run_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let body = body.ok_or_else(|| JournalError::UnknownRun(run_id.to_string()))?;
+        Ok(serde_json::from_str::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("header").cloned())
+            .unwrap_or(Value::Null))
+    }
+
+    /// Runs that did not reach a final state (candidates for resuming), newest first.
+    pub fn unfinished(&self) -> Result<Vec<RunSummary>, JournalError> {
+        Ok(self
+            .runs()?
+            .into_iter()
+            .filter(|r| !matches!(r.state.as_str(), "completed" | "aborted" | "stopped"))
+            .collect())
     }
 
     /// Every run, newest first.
@@ -285,47 +337,98 @@ impl Journal {
     }
 }
 
-/// The first sink of a run's bus: writes each event to the journal, chained.
+/// The durable sink of a run's bus: chains each event at once and commits the
+/// chained entries in one transaction at the bus's flush points.
 pub struct JournalSink {
     conn: Connection,
     path: PathBuf,
     run_id: String,
     prev: String,
+    /// Chained, not yet committed: (seq, kind, body, prev, hash, run state).
+    buffered: Vec<Buffered>,
+}
+
+struct Buffered {
+    seq: u64,
+    kind: &'static str,
+    body: String,
+    prev: String,
+    hash: String,
+    /// A run state change also updates the `runs` row.
+    state: Option<(&'static str, Option<i64>)>,
 }
 
 impl JournalSink {
-    fn write(&mut self, event: &Event) -> Result<(), rusqlite::Error> {
-        let body = serde_json::to_string(event).unwrap_or_default();
-        let kind = serde_json::to_value(&event.kind)
-            .ok()
-            .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_default();
-        let hash = chain_hash(&self.prev, &body);
+    fn commit(&mut self) -> Result<(), rusqlite::Error> {
         let tx = self.conn.unchecked_transaction()?;
-        tx.execute(
-            "INSERT INTO entries (run_id, seq, kind, body, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![self.run_id, event.seq as i64, kind, body, self.prev, hash],
-        )?;
-        if let EventKind::RunState { state, .. } = &event.kind {
-            let ended = state.is_final().then_some(event.unix_ms as i64);
-            tx.execute(
-                "UPDATE runs SET state = ?2, ended_ms = COALESCE(?3, ended_ms) WHERE run_id = ?1",
-                params![self.run_id, state.name(), ended],
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO entries (run_id, seq, kind, body, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
+            for b in &self.buffered {
+                insert.execute(params![
+                    self.run_id,
+                    b.seq as i64,
+                    b.kind,
+                    b.body,
+                    b.prev,
+                    b.hash
+                ])?;
+                if let Some((state, ended)) = b.state {
+                    tx.execute(
+                        "UPDATE runs SET state = ?2, ended_ms = COALESCE(?3, ended_ms) WHERE run_id = ?1",
+                        params![self.run_id, state, ended],
+                    )?;
+                }
+            }
         }
         tx.commit()?;
-        self.prev = hash;
+        self.buffered.clear();
         Ok(())
     }
 }
 
 impl EventSink for JournalSink {
     fn publish(&mut self, event: &Event) {
-        if let Err(e) = self.write(event) {
+        let body = serde_json::to_string(event).unwrap_or_default();
+        let hash = chain_hash(&self.prev, &body);
+        let state = match &event.kind {
+            EventKind::RunState { state, .. } => Some((
+                state.name(),
+                state.is_final().then_some(event.unix_ms as i64),
+            )),
+            _ => None,
+        };
+        self.buffered.push(Buffered {
+            seq: event.seq,
+            kind: event.kind.name(),
+            body,
+            prev: std::mem::replace(&mut self.prev, hash.clone()),
+            hash,
+            state,
+        });
+    }
+
+    fn durable(&self) -> bool {
+        true
+    }
+
+    fn flush(&mut self) {
+        if self.buffered.is_empty() {
+            return;
+        }
+        if let Err(e) = self.commit() {
             // The run goes on (a stopped run is worse than a gap); the gap
             // shows in `runs verify`, and the log says why.
             tracing::error!(target: "journal", "{}: run {}: {e}", self.path.display(), self.run_id);
+            self.buffered.clear();
         }
+    }
+}
+
+impl Drop for JournalSink {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

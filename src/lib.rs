@@ -38,6 +38,7 @@ pub mod mqtt;
 pub mod plan;
 pub mod profile;
 pub mod protocol;
+pub mod report;
 pub mod runtime;
 pub mod schema;
 pub mod serve;

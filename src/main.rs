@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod devices;
+mod report_cmd;
 mod run;
 mod runs;
 
@@ -94,6 +95,20 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
+    /// Take up a run the controller was executing when it stopped (killed,
+    /// power cut): completed steps are not repeated, decks and setpoints are
+    /// restored, an operation whose outcome is unknown holds the run.
+    Resume {
+        run_id: String,
+        /// The lab file whose journal has the run.
+        #[arg(long)]
+        lab: PathBuf,
+        /// Run the simulated lab's clock this many times faster.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
     /// Simulate a run on the simulated lab with a virtual clock: duration, device
     /// use, critical path, final volumes, alarms and faults, in about a second.
     Simulate {
@@ -120,6 +135,19 @@ enum Command {
     Runs {
         #[command(subcommand)]
         command: runs::RunsCommand,
+    },
+    /// A run's report as one self-contained HTML file (no scripts, nothing
+    /// loaded from elsewhere): header, signal plots with limits and alarms,
+    /// steps per device, final plate maps, alarms and every journal entry.
+    ///
+    /// Exit code 0 when written, 1 for an unknown run, 2 on usage or I/O errors.
+    Report {
+        run_id: String,
+        /// The HTML file to write.
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+        #[command(flatten)]
+        from: runs::JournalArgs,
     },
     /// The workcell daemon: connects the lab's devices, publishes their telemetry
     /// and every run to MQTT, and runs protocols started by MES (docs/mqtt.md).
@@ -184,6 +212,12 @@ fn main() -> ExitCode {
             seed,
             log_format == LogFormat::Json,
         ),
+        Command::Resume {
+            run_id,
+            lab,
+            speed,
+            log_format,
+        } => run::cmd_resume(&run_id, &lab, speed, log_format == LogFormat::Json),
         Command::Simulate {
             file,
             params,
@@ -194,6 +228,11 @@ fn main() -> ExitCode {
         Command::Devices { command } => devices::cmd_devices(command),
         Command::Sim(args) => devices::cmd_sim(args),
         Command::Runs { command } => runs::cmd_runs(command),
+        Command::Report {
+            run_id,
+            output,
+            from,
+        } => report_cmd::cmd_report(&run_id, &output, &from),
         Command::Serve {
             lab,
             speed,

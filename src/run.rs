@@ -6,7 +6,9 @@ use biofoundry::mqtt::publisher::{RunInfo, new_run_id};
 use biofoundry::mqtt::sink::MqttRunSink;
 use biofoundry::protocol::ParamOverride;
 use biofoundry::runtime::events::{ChannelSink, EventBus, EventKind};
-use biofoundry::runtime::executor::{RunHandle, RunOptions, RunReport, RunSetup, spawn};
+use biofoundry::runtime::executor::{
+    RunHandle, RunOptions, RunReport, RunSetup, spawn, spawn_resumed,
+};
 use biofoundry::runtime::machine::{RunCommand, RunState};
 use biofoundry::runtime::simulate::{Simulation, simulate};
 use biofoundry::sim::{SimOptions, SimTiming, simulated_lab};
@@ -151,7 +153,6 @@ pub fn cmd_run(
     if !(speed.is_finite() && speed > 0.0) {
         return Err(format!("--speed must be a positive number, not {speed}"));
     }
-    let interactive = std::io::stdout().is_terminal();
     init_logging(json_logs);
     let lab_file = match lab_file {
         Some(path) => match crate::devices::load_lab(path)? {
@@ -176,6 +177,39 @@ pub fn cmd_run(
     let (Some(protocol), Some(plan)) = (report.protocol, report.plan) else {
         return Ok(ExitCode::from(1));
     };
+    execute(
+        protocol,
+        plan,
+        lab_file,
+        params,
+        binds,
+        speed,
+        seed,
+        Begin::New,
+    )
+}
+
+/// A run from its start, or one taken up again from its journal.
+enum Begin {
+    New,
+    Resume {
+        run_id: String,
+        events: Vec<(u64, serde_json::Value)>,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    protocol: biofoundry::protocol::Protocol,
+    plan: biofoundry::plan::Plan,
+    lab_file: Option<biofoundry::lab::LabFile>,
+    params: &[ParamOverride],
+    binds: &[(String, String)],
+    speed: f64,
+    seed: u64,
+    begin: Begin,
+) -> Result<ExitCode, String> {
+    let interactive = std::io::stdout().is_terminal();
     // The estimate for the progress display comes from the same runtime on a
     // virtual clock (a separate, paused tokio runtime: it runs before ours starts).
     let sim_binds: &[(String, String)] = if lab_file.is_some() { &[] } else { binds };
@@ -217,7 +251,6 @@ pub fn cmd_run(
             .map_err(|e| e.to_string())?;
         let console = ConsoleSink::new(interactive, total_steps, estimate, speed);
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let mut bus = EventBus::new();
         // A lab file with [mqtt]: the run is published like a run of `serve`.
         let mqtt = match &lab_file {
             Some(l) => biofoundry::mqtt::start(l, false)?,
@@ -229,18 +262,46 @@ pub fn cmd_run(
             .iter()
             .map(|p| (p.name.clone(), serde_json::Value::String(p.value.clone())))
             .collect();
+        let run_id = match &begin {
+            Begin::New => new_run_id(),
+            Begin::Resume { run_id, .. } => run_id.clone(),
+        };
         let info = RunInfo::new(
-            &new_run_id(),
+            &run_id,
             &protocol.name,
             protocol.version.as_deref(),
             &text,
             serde_json::Value::Object(params_json),
             None,
         );
+        let resumption = match &begin {
+            Begin::New => None,
+            Begin::Resume { events, .. } => Some(
+                biofoundry::runtime::recovery::recover(
+                    events,
+                    &setup,
+                    biofoundry::store::now_ms(),
+                    speed,
+                )
+                .map_err(|e| format!("run {run_id} cannot be resumed: {e}"))?,
+            ),
+        };
+        let mut bus = match &resumption {
+            Some(r) => EventBus::continuing_after(r.after_seq),
+            None => EventBus::new(),
+        };
         // With a lab file the run is journaled (first: before anything reports it).
         if let Some(l) = &lab_file {
-            let journal = biofoundry::journal::begin_run(l, &info, &text, &setup, "operator (CLI)")
-                .map_err(|e| e.to_string())?;
+            let journal = match &begin {
+                Begin::New => {
+                    biofoundry::journal::begin_run(l, &info, &text, &setup, "operator (CLI)")
+                }
+                Begin::Resume { .. } => biofoundry::journal::Journal::open(
+                    &biofoundry::journal::journal_path(&l.data_dir()),
+                )
+                .and_then(|j| j.resume(&run_id)),
+            }
+            .map_err(|e| e.to_string())?;
             bus.add_sink(Box::new(journal));
             println!(
                 "Run {} (journal: {})",
@@ -261,7 +322,20 @@ pub fn cmd_run(
         }
         bus.add_sink(Box::new(console));
         bus.add_sink(Box::new(ChannelSink(events_tx)));
-        let (handle, task) = spawn(setup, clock, bus);
+        if let Some(r) = &resumption {
+            println!(
+                "Resuming: {} of {} steps completed before the stop",
+                r.completed(),
+                total_steps
+            );
+            for u in r.uncertain() {
+                println!("  uncertain: {u}");
+            }
+        }
+        let (handle, task) = match resumption {
+            Some(r) => spawn_resumed(setup, r, clock, bus),
+            None => spawn(setup, clock, bus),
+        };
         if let Some(e) = estimate {
             println!(
                 "Running \"{}\" on {lab_name}; estimated duration {}",
@@ -269,8 +343,12 @@ pub fn cmd_run(
                 Quantity::seconds((e / speed).round())
             );
         }
+        let source = match &begin {
+            Begin::New => "operator",
+            Begin::Resume { .. } => "operator (resume)",
+        };
         handle
-            .command(RunCommand::Start, "operator")
+            .command(RunCommand::Start, source)
             .await
             .map_err(|e| e.to_string())?;
         operate(handle, events).await;
@@ -297,6 +375,89 @@ pub fn cmd_run(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `biofoundry resume RUN_ID --lab LAB`: takes up a run the controller was
+/// executing when it stopped, with the protocol text, parameters and bindings
+/// its journal recorded.
+pub fn cmd_resume(
+    run_id: &str,
+    lab_path: &Path,
+    speed: f64,
+    json_logs: bool,
+) -> Result<ExitCode, String> {
+    if !(speed.is_finite() && speed > 0.0) {
+        return Err(format!("--speed must be a positive number, not {speed}"));
+    }
+    init_logging(json_logs);
+    let lab = match crate::devices::load_lab(lab_path)? {
+        Ok(lab) => lab,
+        Err(code) => return Ok(code),
+    };
+    let path = biofoundry::journal::journal_path(&lab.data_dir());
+    let journal = biofoundry::journal::Journal::open(&path).map_err(|e| e.to_string())?;
+    // A journal that was changed is not a record to act on.
+    match journal.verify(run_id).map_err(|e| e.to_string())? {
+        biofoundry::journal::Verified::Intact { .. } => {}
+        biofoundry::journal::Verified::Broken { seq, reason } => {
+            return Err(format!(
+                "run {run_id}: the journal does not verify at entry {seq} ({reason}); not resumed"
+            ));
+        }
+    }
+    let header = journal.header(run_id).map_err(|e| e.to_string())?;
+    let text = header["text"].as_str().unwrap_or_default().to_string();
+    let name = format!(
+        "{} (journal of run {run_id})",
+        header["protocol"].as_str().unwrap_or("protocol")
+    );
+    let pairs = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v.as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let params: Vec<ParamOverride> = pairs(&header["params"])
+        .into_iter()
+        .map(|(name, value)| ParamOverride { name, value })
+        .collect();
+    let binds = pairs(&header["bindings"]);
+    let report = crate::devices::check_with_lab(
+        biofoundry::source::SourceFile::new(&name, &text),
+        &params,
+        &lab,
+        &binds,
+    )?;
+    if let Err(code) = crate::report_errors(&report, "not resumed") {
+        return Ok(code);
+    }
+    let (Some(protocol), Some(plan)) = (report.protocol, report.plan) else {
+        return Ok(ExitCode::from(1));
+    };
+    let events: Vec<(u64, serde_json::Value)> = journal
+        .entries(run_id)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|e| e.seq > 0)
+        .map(|e| (e.seq, e.json()))
+        .collect();
+    drop(journal);
+    execute(
+        protocol,
+        plan,
+        Some(lab),
+        &params,
+        &binds,
+        speed,
+        1,
+        Begin::Resume {
+            run_id: run_id.to_string(),
+            events,
+        },
+    )
 }
 
 /// The operator's side of a run on the terminal: Ctrl-C pauses, then the

@@ -58,7 +58,7 @@ pub enum RunsCommand {
     },
 }
 
-fn open(from: &JournalArgs) -> Result<Journal, String> {
+pub(crate) fn open(from: &JournalArgs) -> Result<Journal, String> {
     let path = match (&from.journal, &from.lab) {
         (Some(j), _) => j.clone(),
         (None, Some(lab)) => match crate::devices::load_lab(lab)? {

@@ -96,8 +96,25 @@ pub struct DeckLabware {
     pub contents: Vec<(String, f64)>,
 }
 
+/// A liquid handler's deck as the controller knows it: labware and slots,
+/// well volumes, used tips, the tip on the head, labware off the deck.
+#[derive(Clone, Default)]
+pub struct DeckState(pub(crate) crate::sim::liquid_handler::LiquidHandlerModel);
+
+impl DeckState {
+    /// The deck as journal records (`device` names the handler).
+    pub fn records(&self, device: &str) -> Vec<crate::runtime::events::LabwareRecord> {
+        self.0.records(device)
+    }
+}
+
 #[async_trait]
 pub trait LiquidHandler: Device {
+    /// The deck as this handler knows it now.
+    fn deck_state(&self) -> DeckState;
+    /// Gives back a deck known from the journal when a run is resumed:
+    /// nothing moves.
+    async fn restore_deck(&self, deck: DeckState) -> DeviceResult<()>;
     /// The labware on the deck at the start of a run (replaces what was known).
     async fn configure_deck(&self, deck: Vec<DeckLabware>) -> DeviceResult<()>;
     async fn pick_up_tip(&self, rack: &str, well: &str) -> DeviceResult<()>;
@@ -116,6 +133,9 @@ pub trait LiquidHandler: Device {
 
 #[async_trait]
 pub trait Incubator: Device {
+    /// Gives back what the journal says is stored (slot, labware) when a run
+    /// is resumed: nothing moves.
+    async fn restore_storage(&self, stored: Vec<(u32, String)>) -> DeviceResult<()>;
     /// Takes labware from the transfer station into storage `slot`.
     async fn load(&self, labware: &str, slot: u32) -> DeviceResult<()>;
     /// Brings labware from storage to the transfer station.

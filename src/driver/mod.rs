@@ -849,6 +849,15 @@ impl Device for ProfileDevice {
 
 #[async_trait]
 impl LiquidHandler for ProfileDevice {
+    fn deck_state(&self) -> crate::device::DeckState {
+        crate::device::DeckState(self.state().deck.clone())
+    }
+
+    async fn restore_deck(&self, deck: crate::device::DeckState) -> DeviceResult<()> {
+        self.state().deck = deck.0;
+        Ok(())
+    }
+
     async fn configure_deck(&self, deck: Vec<DeckLabware>) -> DeviceResult<()> {
         let mut model = self.state().deck.clone();
         model
@@ -942,6 +951,11 @@ impl LiquidHandler for ProfileDevice {
 
 #[async_trait]
 impl Incubator for ProfileDevice {
+    async fn restore_storage(&self, stored: Vec<(u32, String)>) -> DeviceResult<()> {
+        self.state().stored = stored.into_iter().collect();
+        Ok(())
+    }
+
     async fn load(&self, labware: &str, slot: u32) -> DeviceResult<()> {
         if slot == 0 || slot > self.slots() {
             return Err(self.refused(format!("slot {slot} is not 1..{}", self.slots())));

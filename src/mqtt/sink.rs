@@ -114,12 +114,50 @@ impl EventSink for MqttRunSink {
             EventKind::Log { step_id, message } => {
                 p.run_event(run, ms, step_id, "log", StepPhase::Completed, Some(message))
             }
-            // Commands are answered on cmd_result; the journal keeps them all.
-            EventKind::Command { .. } => Ok(()),
+            // Commands are answered on cmd_result; the journal keeps them all,
+            // and operations and decks, which only resuming and reports need.
+            EventKind::Command { .. } | EventKind::Operation { .. } | EventKind::Deck { .. } => {
+                Ok(())
+            }
+            EventKind::Resumed { .. } => p.run_event(
+                run,
+                ms,
+                "",
+                "resumed",
+                StepPhase::Completed,
+                Some(&resumed_text(&event.kind)),
+            ),
         };
         if let Err(e) = result {
             // The run goes on; the outbox's failure is an error in the log.
             tracing::error!(target: "mqtt", "run {run}: {e}");
         }
     }
+}
+
+/// One line saying what a resume found: for MQTT and the console.
+pub fn resumed_text(kind: &EventKind) -> String {
+    let EventKind::Resumed {
+        after_seq,
+        steps_completed,
+        continued,
+        uncertain,
+        restored,
+    } = kind
+    else {
+        return String::new();
+    };
+    let mut text = format!(
+        "resumed after journal entry {after_seq}: {steps_completed} steps already completed"
+    );
+    if !continued.is_empty() {
+        text.push_str(&format!("; continuing {}", continued.join(", ")));
+    }
+    if !restored.is_empty() {
+        text.push_str(&format!("; restored {}", restored.join(", ")));
+    }
+    if !uncertain.is_empty() {
+        text.push_str(&format!("; UNCERTAIN: {}", uncertain.join("; ")));
+    }
+    text
 }

@@ -1,7 +1,10 @@
 //! Events: everything a run does, in order, for the console, the journal and
-//! MQTT. The bus numbers each event (`seq`, monotonic per run) and hands it to
-//! every sink synchronously, so a sink that persists (journal, MQTT outbox)
-//! has written it before the runtime goes on.
+//! MQTT. The bus numbers each event (`seq`, monotonic per run) and hands it at
+//! once to the durable sinks (the journal), which may group their writes. The
+//! other sinks (console, MQTT) see an event only after the durable sinks have
+//! committed it, at a flush: the runtime flushes before it sends a device an
+//! operation and before it waits for anything, so an event is in the journal
+//! before it is reported and before its effect can happen.
 
 use super::machine::{RunCommand, RunState};
 use crate::device::DeviceState;
@@ -78,6 +81,74 @@ pub enum EventKind {
         step_id: String,
         message: String,
     },
+    /// One operation of a step (journal only: what resuming needs to know).
+    /// `sent` is committed before the operation goes to the device, `done`
+    /// after it answered.
+    Operation {
+        step_id: String,
+        /// Position in the step's planned operations.
+        index: u32,
+        phase: OperationPhase,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    /// The decks as the controller knows them (end of a run, after a resume).
+    Deck {
+        labware: Vec<LabwareRecord>,
+    },
+    /// A run taken up again after the controller stopped.
+    Resumed {
+        /// The last journal entry before the stop.
+        after_seq: u64,
+        steps_completed: usize,
+        /// Steps that were running and are taken up where they were.
+        continued: Vec<String>,
+        /// Operations whose outcome is unknown: the run holds for them.
+        uncertain: Vec<String>,
+        /// Setpoints, decks and storage given back to the devices.
+        restored: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OperationPhase {
+    Sent,
+    Done,
+}
+
+/// One labware on a liquid handler's deck and what its wells hold.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabwareRecord {
+    pub name: String,
+    pub device: String,
+    pub slot: u32,
+    pub load_name: String,
+    pub rows: u32,
+    pub columns: u32,
+    /// µL per well; wells not listed are empty.
+    pub volumes_ul: std::collections::BTreeMap<String, f64>,
+    /// Tip racks: the wells whose tip was used.
+    pub tips_used: Vec<String>,
+}
+
+impl EventKind {
+    /// The `type` tag of the event's JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::RunState { .. } => "run_state",
+            EventKind::Command { .. } => "command",
+            EventKind::Step { .. } => "step",
+            EventKind::Operation { .. } => "operation",
+            EventKind::DeviceState { .. } => "device_state",
+            EventKind::Sample { .. } => "sample",
+            EventKind::Alarm { .. } => "alarm",
+            EventKind::Prompt { .. } => "prompt",
+            EventKind::Log { .. } => "log",
+            EventKind::Deck { .. } => "deck",
+            EventKind::Resumed { .. } => "resumed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -94,13 +165,28 @@ pub struct Event {
 /// Receives every event, in order.
 pub trait EventSink: Send {
     fn publish(&mut self, event: &Event);
+
+    /// A durable sink keeps events (the journal): it sees each event first
+    /// and must have it committed when `flush` returns.
+    fn durable(&self) -> bool {
+        false
+    }
+
+    /// Commits what `publish` buffered.
+    fn flush(&mut self) {}
 }
+
+/// Most events held back from the reporting sinks between flushes.
+const MAX_PENDING: usize = 1024;
 
 /// Numbers events and hands them to the sinks.
 #[derive(Default)]
 pub struct EventBus {
     seq: u64,
-    sinks: Vec<Box<dyn EventSink>>,
+    durable: Vec<Box<dyn EventSink>>,
+    reporting: Vec<Box<dyn EventSink>>,
+    /// Published, not yet committed by the durable sinks.
+    pending: Vec<Event>,
 }
 
 impl EventBus {
@@ -108,8 +194,19 @@ impl EventBus {
         Self::default()
     }
 
+    /// A bus whose next event is `seq + 1` (a resumed run goes on numbering).
+    pub fn continuing_after(seq: u64) -> Self {
+        let mut bus = Self::default();
+        bus.seq = seq;
+        bus
+    }
+
     pub fn add_sink(&mut self, sink: Box<dyn EventSink>) {
-        self.sinks.push(sink);
+        if sink.durable() {
+            self.durable.push(sink);
+        } else {
+            self.reporting.push(sink);
+        }
     }
 
     pub fn publish(&mut self, t_s: f64, kind: EventKind) -> u64 {
@@ -123,10 +220,41 @@ impl EventBus {
             unix_ms,
             kind,
         };
-        for sink in &mut self.sinks {
+        for sink in &mut self.durable {
             sink.publish(&event);
         }
+        if self.durable.is_empty() {
+            for sink in &mut self.reporting {
+                sink.publish(&event);
+            }
+        } else {
+            self.pending.push(event);
+            if self.pending.len() >= MAX_PENDING {
+                self.flush();
+            }
+        }
         self.seq
+    }
+
+    /// Commits the durable sinks, then reports what they committed.
+    pub fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        for sink in &mut self.durable {
+            sink.flush();
+        }
+        for event in self.pending.drain(..) {
+            for sink in &mut self.reporting {
+                sink.publish(&event);
+            }
+        }
+    }
+}
+
+impl Drop for EventBus {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

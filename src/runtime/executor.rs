@@ -13,8 +13,9 @@
 //!   and go on afterwards until their original end time.
 
 use super::device_machine::{DeviceInput, DeviceStateMachine};
-use super::events::{AlarmState, EventBus, EventKind, StepPhase};
+use super::events::{AlarmState, EventBus, EventKind, OperationPhase, StepPhase};
 use super::machine::{Effect, Rejected, RunCommand, RunInput, RunState, RunStateMachine};
+use super::recovery::{Resumption, StepProgress, split_place};
 use crate::catalogue::DeviceKind;
 use crate::clock::Clock;
 use crate::device::{DeckLabware, DeviceError, DeviceHandle, DeviceState};
@@ -390,9 +391,37 @@ impl RunHandle {
 /// Starts a run: connects its devices, sets up decks, and executes. The run
 /// begins in `idle`; send `start` through the handle.
 pub fn spawn(setup: RunSetup, clock: Clock, bus: EventBus) -> (RunHandle, JoinHandle<RunReport>) {
+    spawn_with(setup, clock, bus, None)
+}
+
+/// Takes up a run the controller was executing when it stopped, from what its
+/// journal says (see [`super::recovery`]): completed steps stay done, the
+/// steps that were running go on where they were, decks, storage and
+/// setpoints are given back to the devices. `bus` must go on numbering after
+/// `resumption.after_seq`. Begins in `idle`; send `start` to go on.
+pub fn spawn_resumed(
+    setup: RunSetup,
+    resumption: Resumption,
+    clock: Clock,
+    bus: EventBus,
+) -> (RunHandle, JoinHandle<RunReport>) {
+    let clock = clock.reading(resumption.resume_at_s);
+    spawn_with(setup, clock, bus, Some(resumption))
+}
+
+fn spawn_with(
+    setup: RunSetup,
+    clock: Clock,
+    bus: EventBus,
+    resumption: Option<Resumption>,
+) -> (RunHandle, JoinHandle<RunReport>) {
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (state_tx, state_rx) = watch::channel(RunState::Idle);
-    let executor = Executor::new(setup, clock, bus, state_tx);
+    let mut executor = Executor::new(setup, clock, bus, state_tx);
+    if let Some(r) = resumption {
+        executor.take_up(&r);
+        executor.resumption = Some(r);
+    }
     let task = tokio::spawn(executor.run(control_rx));
     (
         RunHandle {
@@ -530,6 +559,8 @@ struct Executor {
     eligible: std::collections::BTreeSet<usize>,
     /// Why the run is holding, repeated when it is held.
     hold_reason: Option<String>,
+    /// Set when this run was taken up again after the controller stopped.
+    resumption: Option<Resumption>,
 }
 
 impl Executor {
@@ -634,6 +665,180 @@ impl Executor {
             dependents,
             eligible,
             hold_reason: None,
+            resumption: None,
+        }
+    }
+
+    /// Puts every step where the journal says it was (nothing is emitted: the
+    /// journal has it already).
+    fn take_up(&mut self, r: &Resumption) {
+        let mut finished: Vec<(usize, StepStatus)> = Vec::new();
+        for (i, p) in r.steps.iter().enumerate().take(self.steps.len()) {
+            match p {
+                StepProgress::Completed => finished.push((i, StepStatus::Done)),
+                StepProgress::Skipped => finished.push((i, StepStatus::Skipped)),
+                StepProgress::NotStarted => {}
+                StepProgress::Running {
+                    started_s,
+                    next_op,
+                    wait_until_s,
+                    ..
+                } => {
+                    let s = &mut self.steps[i];
+                    s.status = StepStatus::Active;
+                    s.started_s = Some(*started_s);
+                    s.next_op = (*next_op).min(s.ops.len());
+                    s.wait_until_s = *wait_until_s;
+                }
+            }
+        }
+        // Dependencies finish before their dependents: a pass per level.
+        while !finished.is_empty() {
+            let before = finished.len();
+            finished.retain(|&(i, status)| {
+                if self.eligible.contains(&i) {
+                    self.mark_finished(i, status);
+                    false
+                } else {
+                    true
+                }
+            });
+            if finished.len() == before {
+                break;
+            }
+        }
+    }
+
+    /// After a resume has connected the devices: decks, storage and
+    /// setpoints back, the monitors that were sampling sample again, and the
+    /// run holds for what is uncertain.
+    async fn restore(&mut self, r: &Resumption) {
+        let mut restored = Vec::new();
+        let mut problems = Vec::new();
+        for (role, deck) in &r.decks {
+            if let Some(DeviceHandle::LiquidHandler(lh)) = self.bindings.get(role) {
+                match lh.restore_deck(deck.clone()).await {
+                    Ok(()) => restored.push(format!("deck of {role}")),
+                    Err(e) => problems.push(format!("the deck of {role}: {e}")),
+                }
+            }
+        }
+        for (role, stored) in &r.storage {
+            if let Some(DeviceHandle::Incubator(inc)) = self.bindings.get(role) {
+                match inc.restore_storage(stored.clone()).await {
+                    Ok(()) => restored.push(format!("storage of {role}")),
+                    Err(e) => problems.push(format!("the storage of {role}: {e}")),
+                }
+            }
+        }
+        // Setpoints are safe to write again, and an instrument that lost
+        // power has forgotten them.
+        for (role, setpoints) in &r.setpoints {
+            let Some(handle) = self.bindings.get(role).cloned() else {
+                continue;
+            };
+            for sp in setpoints {
+                let limit = std::time::Duration::from_secs_f64(self.options.connect_timeout_s);
+                match tokio::time::timeout(limit, handle.device().set(&sp.name, sp.value)).await {
+                    Ok(Ok(())) => restored.push(format!("{role}.{} = {}", sp.name, sp.value)),
+                    Ok(Err(e)) => problems.push(format!("{role}.{}: {e}", sp.name)),
+                    Err(_) => problems.push(format!("{role}.{}: no answer", sp.name)),
+                }
+            }
+        }
+        let uncertain = r.uncertain();
+        self.emit(EventKind::Resumed {
+            after_seq: r.after_seq,
+            steps_completed: r.completed(),
+            continued: self
+                .steps
+                .iter()
+                .zip(&r.steps)
+                .filter(|(_, p)| {
+                    matches!(
+                        p,
+                        StepProgress::Running {
+                            uncertain: None,
+                            ..
+                        }
+                    )
+                })
+                .map(|(s, _)| s.id.clone())
+                .collect(),
+            uncertain: uncertain.clone(),
+            restored,
+        });
+        self.emit_decks();
+        self.start_monitors(None);
+        let (done, started): (Vec<String>, Vec<String>) = {
+            let done = self
+                .steps
+                .iter()
+                .filter(|s| matches!(s.status, StepStatus::Done | StepStatus::Skipped))
+                .map(|s| s.id.clone())
+                .collect();
+            let started = self
+                .steps
+                .iter()
+                .filter(|s| s.status != StepStatus::Waiting)
+                .map(|s| s.id.clone())
+                .collect();
+            (done, started)
+        };
+        for id in &done {
+            self.start_monitors(Some(id));
+        }
+        for id in &started {
+            self.stop_monitors(id);
+        }
+        for (i, p) in r.steps.iter().enumerate().take(self.steps.len()) {
+            if let StepProgress::Running {
+                uncertain: Some(u), ..
+            } = p
+            {
+                self.steps[i].failed = Some(u.clone());
+            }
+        }
+        let reason = if !problems.is_empty() {
+            Some(format!(
+                "resumed, but could not restore: {}",
+                problems.join("; ")
+            ))
+        } else if !uncertain.is_empty() {
+            Some(format!(
+                "resumed after the controller stopped: {}. Check the deck, then `resume` to do it again or `skip` the step",
+                uncertain.join("; ")
+            ))
+        } else if matches!(r.last_state.as_str(), "held" | "holding") {
+            Some(format!(
+                "resumed; the run was held when the controller stopped: {}",
+                r.last_reason.as_deref().unwrap_or("no reason recorded")
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.input(RunInput::StepFailed, Some(reason));
+        }
+    }
+
+    /// The decks as the liquid handlers know them, into the journal.
+    fn emit_decks(&mut self) {
+        let labware: Vec<_> = self
+            .bindings
+            .values()
+            .filter_map(|h| match h {
+                DeviceHandle::LiquidHandler(lh) => Some(lh.deck_state().records(lh.id())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if self
+            .bindings
+            .values()
+            .any(|h| matches!(h, DeviceHandle::LiquidHandler(_)))
+        {
+            self.emit(EventKind::Deck { labware });
         }
     }
 
@@ -661,6 +866,7 @@ impl Executor {
             if self.state() != RunState::Idle {
                 break;
             }
+            self.bus.flush();
             match control.recv().await {
                 Some(c) => self.control(c),
                 None => return self.report(),
@@ -670,6 +876,8 @@ impl Executor {
             if let Err(e) = self.connect_all(&mut messages).await {
                 self.faults.push(e.clone());
                 self.input(RunInput::Failure, Some(e));
+            } else if let Some(r) = self.resumption.take() {
+                self.restore(&r).await;
             } else {
                 self.start_monitors(None);
             }
@@ -681,6 +889,9 @@ impl Executor {
                 break;
             }
             let wake = self.next_wake();
+            // Write-ahead point: what happened so far is journaled before the
+            // runtime waits and before anything is reported.
+            self.bus.flush();
             tokio::select! {
                 Some(m) = messages.recv() => self.message(m),
                 c = control.recv(), if control_open => match c {
@@ -700,6 +911,8 @@ impl Executor {
         for (_, t) in self.tasks.drain() {
             t.abort();
         }
+        self.emit_decks();
+        self.bus.flush();
         let mut report = self.report();
         report.duration_s = self.now() - started;
         report
@@ -783,6 +996,7 @@ impl Executor {
         let mut waiting = ids.len();
         let mut first_error = None;
         while waiting > 0 {
+            self.bus.flush();
             let Some(m) = messages.recv().await else {
                 break;
             };
@@ -1313,6 +1527,18 @@ impl Executor {
     where
         F: std::future::Future<Output = Result<OpOutput, StepError>> + Send + 'static,
     {
+        let s = &self.steps[i];
+        let (step_id, index) = (s.id.clone(), s.next_op);
+        let detail = s.ops.get(index).map(|o| crate::plan::describe(&o.op));
+        self.emit(EventKind::Operation {
+            step_id,
+            index: index as u32,
+            phase: OperationPhase::Sent,
+            detail,
+        });
+        // Write-ahead point: the journal knows the operation was sent before
+        // the device can do it.
+        self.bus.flush();
         let tx = self.messages_tx.clone();
         let generation = self.generation;
         let clock = self.clock;
@@ -1398,6 +1624,19 @@ impl Executor {
         }
         match result {
             Ok(output) => {
+                let s = &self.steps[i];
+                if s.ops
+                    .get(s.next_op)
+                    .is_some_and(|o| !matches!(o.op, Op::Log { .. } | Op::Prompt { .. }))
+                {
+                    let (step_id, index) = (s.id.clone(), s.next_op as u32);
+                    self.emit(EventKind::Operation {
+                        step_id,
+                        index,
+                        phase: OperationPhase::Done,
+                        detail: None,
+                    });
+                }
                 if let OpOutput::Samples(values) = output {
                     let device = self.steps[i].device.clone().unwrap_or_default();
                     let source = self.steps[i].id.clone();
@@ -1475,9 +1714,10 @@ impl Executor {
         }
     }
 
-    fn finish_step(&mut self, i: usize, status: StepStatus, detail: Option<String>) {
+    /// Counts a step as finished and frees the steps that waited for it.
+    fn mark_finished(&mut self, i: usize, status: StepStatus) -> bool {
         if !self.eligible.remove(&i) {
-            return; // already finished
+            return false; // already finished
         }
         self.finished_steps += 1;
         for k in 0..self.dependents[i].len() {
@@ -1487,10 +1727,17 @@ impl Executor {
                 self.eligible.insert(d);
             }
         }
+        self.steps[i].status = status;
+        true
+    }
+
+    fn finish_step(&mut self, i: usize, status: StepStatus, detail: Option<String>) {
+        if !self.mark_finished(i, status) {
+            return;
+        }
         let now = self.now();
         self.release_device(i);
         let s = &mut self.steps[i];
-        s.status = status;
         s.ended_s = Some(now);
         s.started_s.get_or_insert(now);
         let (id, action) = (s.id.clone(), s.action.clone());
@@ -1791,13 +2038,6 @@ fn lh(handle: &DeviceHandle) -> Result<&Arc<dyn crate::device::LiquidHandler>, D
     match handle {
         DeviceHandle::LiquidHandler(lh) => Ok(lh),
         other => Err(refused(other, "this is not a liquid handler")),
-    }
-}
-
-fn split_place(place: &str) -> (&str, u32) {
-    match place.split_once(':') {
-        Some((role, slot)) => (role, slot.parse().unwrap_or(0)),
-        None => (place, 0),
     }
 }
 

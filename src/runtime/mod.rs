@@ -4,4 +4,5 @@ pub mod device_machine;
 pub mod events;
 pub mod executor;
 pub mod machine;
+pub mod recovery;
 pub mod simulate;

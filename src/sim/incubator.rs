@@ -205,6 +205,12 @@ sim_device!(SimIncubator, IncubatorModel);
 
 #[async_trait]
 impl Incubator for SimIncubator {
+    async fn restore_storage(&self, stored: Vec<(u32, String)>) -> DeviceResult<()> {
+        self.sim
+            .with_model(|m, _| m.stored = stored.into_iter().collect());
+        Ok(())
+    }
+
     async fn load(&self, labware: &str, slot: u32) -> DeviceResult<()> {
         self.sim.op(|m, _| m.load(labware, slot)).await
     }

@@ -101,6 +101,33 @@ fn check_volume(volume_ul: f64) -> Result<(), String> {
 }
 
 impl LiquidHandlerModel {
+    /// The deck as journal records.
+    pub(crate) fn records(&self, device: &str) -> Vec<crate::runtime::events::LabwareRecord> {
+        self.deck
+            .iter()
+            .map(|(name, p)| {
+                let d = &p.definition;
+                let mut tips_used: Vec<String> = p.used_tips.iter().cloned().collect();
+                tips_used.sort_by_key(|w| d.wells.get_index_of(w));
+                crate::runtime::events::LabwareRecord {
+                    name: name.clone(),
+                    device: device.to_string(),
+                    slot: p.slot,
+                    load_name: d.load_name.clone(),
+                    rows: d.columns.first().map_or(0, |c| c.len() as u32),
+                    columns: d.columns.len() as u32,
+                    volumes_ul: p
+                        .volumes
+                        .iter()
+                        .filter(|(_, v)| **v > 0.0)
+                        .map(|(w, v)| (w.clone(), *v))
+                        .collect(),
+                    tips_used,
+                }
+            })
+            .collect()
+    }
+
     /// Slot and definition of labware on the deck.
     pub(crate) fn placed(&self, name: &str) -> Option<(u32, &LabwareDefinition)> {
         self.deck.get(name).map(|p| (p.slot, p.definition.as_ref()))
@@ -401,6 +428,15 @@ sim_device!(SimLiquidHandler, LiquidHandlerModel);
 
 #[async_trait]
 impl LiquidHandler for SimLiquidHandler {
+    fn deck_state(&self) -> crate::device::DeckState {
+        crate::device::DeckState(self.sim.with_model(|m, _| m.clone()))
+    }
+
+    async fn restore_deck(&self, deck: crate::device::DeckState) -> DeviceResult<()> {
+        self.sim.with_model(|m, _| *m = deck.0);
+        Ok(())
+    }
+
     async fn configure_deck(&self, deck: Vec<DeckLabware>) -> DeviceResult<()> {
         // Run setup, not an operation: injected `FailNext` failures are kept
         // for the run's first real operation.

@@ -171,6 +171,11 @@ impl EventSink for ConsoleSink {
                 Some(r) => self.line(format!("{t} step {step_id} answered: {r}")),
             },
             EventKind::Log { step_id, message } => self.line(format!("{t} {step_id}: {message}")),
+            EventKind::Resumed { .. } => self.line(format!(
+                "{t} {}",
+                crate::mqtt::sink::resumed_text(&event.kind)
+            )),
+            EventKind::Operation { .. } | EventKind::Deck { .. } => {}
         }
         self.refresh(event.t_s);
     }

@@ -1,0 +1,434 @@
+//! Taking a run up again after the controller stopped (SIGKILL, power cut):
+//! what its journal says about every step and operation, turned into where
+//! the executor goes on. Pure: it reads journal events and the run's plan and
+//! replays the operations that are known to have happened onto the decks'
+//! models; nothing is sent to a device here.
+//!
+//! The rule for the operation that was in flight (its `sent` entry is in the
+//! journal, its `done` entry is not): an operation that is safe to repeat
+//! (setpoints, waits, readings, device commands) is repeated; one that moves
+//! liquid or labware (tips, aspirate, dispense, mix, feed, pump, plate moves)
+//! may or may not have happened, so the run comes back `held` and says which
+//! one, and the deck model is left as it was before that operation.
+
+use super::events::OperationPhase;
+use super::executor::RunSetup;
+use crate::device::{DeckLabware, DeckState};
+use crate::plan::{Op, PlannedSetpoint, describe};
+use crate::sim::liquid_handler::LiquidHandlerModel;
+use indexmap::IndexMap;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+
+/// Why a run cannot be resumed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("the run has already ended ({0})")]
+    Ended(String),
+    #[error("journal entry {seq}: {reason}")]
+    Entry { seq: u64, reason: String },
+    #[error("the journal and the plan disagree: {0}")]
+    Plan(String),
+}
+
+/// Where a step stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepProgress {
+    NotStarted,
+    Completed,
+    Skipped,
+    /// Started, not finished: go on at `next_op`.
+    Running {
+        started_s: f64,
+        next_op: usize,
+        /// When a wait in flight ends (lab time).
+        wait_until_s: Option<f64>,
+        /// The operation at `next_op` was sent and may or may not have happened.
+        uncertain: Option<String>,
+    },
+}
+
+/// Everything the executor needs to go on with a run.
+#[derive(Clone)]
+pub struct Resumption {
+    /// The last journal entry before the stop; the resumed run numbers on.
+    pub after_seq: u64,
+    /// Lab time at which the run goes on: the last entry's time plus the time
+    /// the controller was away (a real incubation went on meanwhile).
+    pub resume_at_s: f64,
+    /// By plan step index.
+    pub steps: Vec<StepProgress>,
+    /// Decks after every operation known to have happened, by liquid handler role.
+    pub decks: IndexMap<String, DeckState>,
+    /// Incubator storage (slot, labware), by incubator role.
+    pub storage: IndexMap<String, Vec<(u32, String)>>,
+    /// The last value written to each setpoint, by role, to write again.
+    pub setpoints: IndexMap<String, Vec<PlannedSetpoint>>,
+    /// The state the run was in when it stopped, and why.
+    pub last_state: String,
+    pub last_reason: Option<String>,
+}
+
+impl Resumption {
+    pub fn completed(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, StepProgress::Completed | StepProgress::Skipped))
+            .count()
+    }
+
+    /// Steps taken up where they were, by id.
+    pub fn continued(&self, setup: &RunSetup) -> Vec<String> {
+        self.steps
+            .iter()
+            .zip(&setup.plan.steps)
+            .filter(|(p, _)| {
+                matches!(
+                    p,
+                    StepProgress::Running {
+                        uncertain: None,
+                        ..
+                    }
+                )
+            })
+            .map(|(_, s)| s.id.clone())
+            .collect()
+    }
+
+    /// What the operator must check before the run goes on.
+    pub fn uncertain(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|p| match p {
+                StepProgress::Running {
+                    uncertain: Some(u), ..
+                } => Some(u.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Whether an operation may simply be done again when it is not known to
+/// have finished.
+pub fn safe_to_repeat(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Set { .. }
+            | Op::Sample { .. }
+            | Op::Command { .. }
+            | Op::Wait { .. }
+            | Op::WaitUntil { .. }
+            | Op::Prompt { .. }
+            | Op::Log { .. }
+    )
+}
+
+#[derive(Default)]
+struct Seen {
+    started_s: Option<f64>,
+    ended: Option<&'static str>,
+    /// Last operation sent and its time.
+    sent: Option<(usize, f64)>,
+    /// Highest operation known done.
+    done: Option<usize>,
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v.get(name)
+}
+
+/// Reads a run's journal events (entry 1 on; entry 0 is the header) against
+/// its setup. `now_ms`: wall-clock time of the resume; `speed`: lab seconds
+/// per real second.
+pub fn recover(
+    events: &[(u64, Value)],
+    setup: &RunSetup,
+    now_ms: u64,
+    speed: f64,
+) -> Result<Resumption, RecoveryError> {
+    let plan = &setup.plan;
+    let index: HashMap<&str, usize> = plan
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
+    let mut seen: Vec<Seen> = plan.steps.iter().map(|_| Seen::default()).collect();
+    // Operations that happened, in the order they finished.
+    let mut done_ops: Vec<(usize, usize)> = Vec::new();
+    let mut last_state = "idle".to_string();
+    let mut last_reason = None;
+    let (mut last_seq, mut last_t, mut last_ms) = (0u64, 0.0f64, now_ms);
+    for (seq, e) in events {
+        let bad = |reason: &str| RecoveryError::Entry {
+            seq: *seq,
+            reason: reason.to_string(),
+        };
+        last_seq = last_seq.max(*seq);
+        if let Some(t) = field(e, "t_s").and_then(Value::as_f64) {
+            last_t = t;
+        }
+        if let Some(ms) = field(e, "unix_ms").and_then(Value::as_u64) {
+            last_ms = ms;
+        }
+        let step = || -> Result<usize, RecoveryError> {
+            let id = field(e, "step_id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("no step_id"))?;
+            index
+                .get(id)
+                .copied()
+                .ok_or_else(|| RecoveryError::Plan(format!("no step `{id}` in the plan")))
+        };
+        match field(e, "type").and_then(Value::as_str) {
+            Some("run_state") => {
+                last_state = field(e, "state")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown")
+                    .to_string();
+                last_reason = field(e, "reason")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+            }
+            Some("step") => {
+                let i = step()?;
+                let t = field(e, "t_s").and_then(Value::as_f64).unwrap_or(0.0);
+                match field(e, "phase").and_then(Value::as_str) {
+                    Some("started") => {
+                        seen[i].started_s.get_or_insert(t);
+                    }
+                    Some("completed") => seen[i].ended = Some("completed"),
+                    Some("skipped") => seen[i].ended = Some("skipped"),
+                    _ => {}
+                }
+            }
+            Some("operation") => {
+                let i = step()?;
+                let k = field(e, "index")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| bad("no operation index"))? as usize;
+                if k >= plan.steps[i].operations.len() {
+                    return Err(RecoveryError::Plan(format!(
+                        "step `{}` has no operation {k}",
+                        plan.steps[i].id
+                    )));
+                }
+                let t = field(e, "t_s").and_then(Value::as_f64).unwrap_or(0.0);
+                let phase: Option<OperationPhase> = field(e, "phase")
+                    .cloned()
+                    .and_then(|p| serde_json::from_value(p).ok());
+                match phase {
+                    Some(OperationPhase::Sent) => seen[i].sent = Some((k, t)),
+                    Some(OperationPhase::Done) => {
+                        seen[i].done = Some(k);
+                        done_ops.push((i, k));
+                    }
+                    None => return Err(bad("unknown operation phase")),
+                }
+            }
+            _ => {}
+        }
+    }
+    if matches!(last_state.as_str(), "completed" | "aborted" | "stopped") {
+        return Err(RecoveryError::Ended(last_state));
+    }
+
+    let mut steps = Vec::with_capacity(plan.steps.len());
+    for (i, s) in seen.iter().enumerate() {
+        let ops = &plan.steps[i].operations;
+        let progress = match (s.ended, s.started_s) {
+            (Some("completed"), _) => StepProgress::Completed,
+            (Some(_), _) => StepProgress::Skipped,
+            (None, None) => StepProgress::NotStarted,
+            (None, Some(started_s)) => {
+                let after_done = s.done.map_or(0, |d| d + 1);
+                match s.sent {
+                    Some((k, sent_t)) if s.done.is_none_or(|d| d < k) => {
+                        let op = &ops[k].op;
+                        let wait_until_s = match op {
+                            Op::Wait { duration_s } => Some(sent_t + duration_s),
+                            _ => None,
+                        };
+                        let uncertain = (!safe_to_repeat(op)).then(|| {
+                            format!(
+                                "step `{}`, operation {} of {} ({}) was sent before the controller stopped; whether it happened is unknown",
+                                plan.steps[i].id,
+                                k + 1,
+                                ops.len(),
+                                describe(op)
+                            )
+                        });
+                        StepProgress::Running {
+                            started_s,
+                            next_op: k,
+                            wait_until_s,
+                            uncertain,
+                        }
+                    }
+                    _ => StepProgress::Running {
+                        started_s,
+                        next_op: after_done,
+                        wait_until_s: None,
+                        uncertain: None,
+                    },
+                }
+            }
+        };
+        steps.push(progress);
+    }
+
+    let (decks, storage) = replay(setup, &done_ops)?;
+    let mut setpoints: IndexMap<String, Vec<PlannedSetpoint>> = IndexMap::new();
+    for &(i, k) in &done_ops {
+        if let (Op::Set { setpoints: sps, .. }, Some(role)) =
+            (&plan.steps[i].operations[k].op, &plan.steps[i].device)
+        {
+            let known = setpoints.entry(role.clone()).or_default();
+            for sp in sps {
+                known.retain(|x| x.name != sp.name);
+                known.push(sp.clone());
+            }
+        }
+    }
+    let away_s = now_ms.saturating_sub(last_ms) as f64 / 1000.0;
+    Ok(Resumption {
+        after_seq: last_seq,
+        resume_at_s: last_t + away_s * speed,
+        steps,
+        decks,
+        storage,
+        setpoints,
+        last_state,
+        last_reason,
+    })
+}
+
+type Decks = (
+    IndexMap<String, DeckState>,
+    IndexMap<String, Vec<(u32, String)>>,
+);
+
+/// The decks and incubator storage after the operations that happened, as
+/// the executor's `perform` would have left them.
+fn replay(setup: &RunSetup, done_ops: &[(usize, usize)]) -> Result<Decks, RecoveryError> {
+    let mut decks: IndexMap<String, LiquidHandlerModel> = IndexMap::new();
+    for (role, deck) in &setup.decks {
+        let mut model = LiquidHandlerModel::default();
+        model
+            .configure(deck)
+            .map_err(|e| RecoveryError::Plan(format!("the deck of {role}: {e}")))?;
+        decks.insert(role.clone(), model);
+    }
+    let mut storage: IndexMap<String, BTreeMap<u32, String>> = IndexMap::new();
+    for &(i, k) in done_ops {
+        let step = &setup.plan.steps[i];
+        let Some(role) = step.device.as_deref() else {
+            continue;
+        };
+        let op = &step.operations[k].op;
+        let fail = |e: String| {
+            RecoveryError::Plan(format!(
+                "step `{}` operation {} ({}): {e}",
+                step.id,
+                k + 1,
+                describe(op)
+            ))
+        };
+        fn deck<'a>(
+            decks: &'a mut IndexMap<String, LiquidHandlerModel>,
+            role: &str,
+        ) -> Result<&'a mut LiquidHandlerModel, String> {
+            decks
+                .get_mut(role)
+                .ok_or_else(|| format!("{role} has no deck"))
+        }
+        match op {
+            Op::PickUpTip { rack, well, .. } => {
+                deck(&mut decks, role)
+                    .map_err(fail)?
+                    .pick_up_tip(rack, well)
+                    .map_err(fail)?;
+            }
+            Op::Aspirate {
+                labware,
+                well,
+                volume_ul,
+            } => {
+                deck(&mut decks, role)
+                    .map_err(fail)?
+                    .aspirate(labware, well, *volume_ul)
+                    .map_err(fail)?;
+            }
+            Op::Dispense {
+                labware,
+                well,
+                volume_ul,
+            } => {
+                deck(&mut decks, role)
+                    .map_err(fail)?
+                    .dispense(labware, well, *volume_ul)
+                    .map_err(fail)?;
+            }
+            Op::Mix {
+                labware,
+                well,
+                volume_ul,
+                cycles,
+            } => {
+                deck(&mut decks, role)
+                    .map_err(fail)?
+                    .mix(labware, well, *volume_ul, *cycles)
+                    .map_err(fail)?;
+            }
+            Op::DropTip => {
+                deck(&mut decks, role)
+                    .map_err(fail)?
+                    .drop_tip()
+                    .map_err(fail)?;
+            }
+            Op::MoveLabware { labware, from, to } => {
+                let (from_role, _) = split_place(from);
+                let (to_role, to_slot) = split_place(to);
+                if to_role == role {
+                    storage
+                        .entry(role.to_string())
+                        .or_default()
+                        .insert(to_slot, labware.clone());
+                    if let Some(d) = decks.get_mut(from_role) {
+                        d.remove(labware).map_err(fail)?;
+                    }
+                } else {
+                    if let Some(s) = storage.get_mut(role) {
+                        s.retain(|_, l| l != labware);
+                    }
+                    if let (Some(d), Some(placed)) =
+                        (decks.get_mut(to_role), setup.labware.get(labware))
+                    {
+                        let placed = DeckLabware {
+                            slot: to_slot,
+                            ..placed.clone()
+                        };
+                        d.place(&placed).map_err(fail)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((
+        decks.into_iter().map(|(r, m)| (r, DeckState(m))).collect(),
+        storage
+            .into_iter()
+            .map(|(r, s)| (r, s.into_iter().collect()))
+            .collect(),
+    ))
+}
+
+/// `role:slot` of a labware place.
+pub(crate) fn split_place(place: &str) -> (&str, u32) {
+    match place.split_once(':') {
+        Some((role, slot)) => (role, slot.parse().unwrap_or(0)),
+        None => (place, 0),
+    }
+}
