@@ -236,15 +236,17 @@ fn execute(
             _ => 1.0,
         };
         let clock = Clock::new(speed);
-        let (lab, lab_name) = match &lab_file {
+        let (lab, lab_name, lab_runtime) = match &lab_file {
             None => (
                 simulated_lab(clock, options),
                 "the simulated lab".to_string(),
+                None,
             ),
             Some(l) => {
                 let backing = biofoundry::lab::SimBacking { clock, options };
                 let runtime = biofoundry::lab::connect_lab(l, &backing)?;
-                (runtime.lab, format!("lab {}", l.file.display_path()))
+                let name = format!("lab {}", l.file.display_path());
+                (runtime.lab.clone(), name, Some(runtime))
             }
         };
         let setup = RunSetup::new(&protocol, plan, &lab, binds, RunOptions::default())
@@ -286,6 +288,9 @@ fn execute(
                 .map_err(|e| format!("run {run_id} cannot be resumed: {e}"))?,
             ),
         };
+        if let (Some(r), Some(runtime)) = (&resumption, &lab_runtime) {
+            runtime.restore_simulators(r, &setup).await?;
+        }
         let mut bus = match &resumption {
             Some(r) => EventBus::continuing_after(r.after_seq),
             None => EventBus::new(),

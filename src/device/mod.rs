@@ -106,6 +106,11 @@ impl DeckState {
     pub fn records(&self, device: &str) -> Vec<crate::runtime::events::LabwareRecord> {
         self.0.records(device)
     }
+
+    /// µL in the tip on the head, if a tip is on.
+    pub fn tip_volume_ul(&self) -> Option<f64> {
+        self.0.tip_volume_ul()
+    }
 }
 
 #[async_trait]

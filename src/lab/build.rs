@@ -39,6 +39,51 @@ pub struct LabRuntime {
     pub instruments: IndexMap<String, Arc<ProfileDevice>>,
     /// Fault injection into the `sim://` instruments, by instrument id.
     pub sim_faults: IndexMap<String, FaultHandle>,
+    /// The simulated devices behind `sim://` instruments, by instrument id.
+    pub simulators: IndexMap<String, DeviceHandle>,
+    /// The wire simulators of serial `sim://` instruments, by instrument id.
+    pub serial_simulators: IndexMap<String, Arc<SerialSimulator>>,
+}
+
+impl LabRuntime {
+    /// A `sim://` instrument lives in the controller's process, so a
+    /// controller that stopped took its state along, where a real instrument
+    /// keeps its deck and storage. A resumed run gives the simulators what the
+    /// journal says a real instrument would have kept.
+    pub async fn restore_simulators(
+        &self,
+        resumption: &crate::runtime::recovery::Resumption,
+        setup: &crate::runtime::executor::RunSetup,
+    ) -> Result<(), String> {
+        let simulator = |role: &str| {
+            setup
+                .bindings
+                .get(role)
+                .and_then(|h| self.simulators.get(h.device().id()))
+        };
+        for (role, deck) in &resumption.decks {
+            if let Some(DeviceHandle::LiquidHandler(lh)) = simulator(role) {
+                lh.restore_deck(deck.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if let Some(wire) = setup
+                .bindings
+                .get(role)
+                .and_then(|h| self.serial_simulators.get(h.device().id()))
+            {
+                wire.restore_tip(deck.tip_volume_ul()).await;
+            }
+        }
+        for (role, stored) in &resumption.storage {
+            if let Some(DeviceHandle::Incubator(inc)) = simulator(role) {
+                inc.restore_storage(stored.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The physics behind a `sim://` instrument: its own simulated device, or a
@@ -53,6 +98,8 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
     let mut buses: HashMap<String, ModbusBus> = HashMap::new();
     let mut instruments = IndexMap::new();
     let mut sim_faults = IndexMap::new();
+    let mut simulators = IndexMap::new();
+    let mut serial_simulators = IndexMap::new();
     let mut out = Lab::default();
     let mut make = |id: &str,
                     instrument: &Instrument,
@@ -109,6 +156,9 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
                     }
                     None => physics_for(&profile, id, clock, options, None)?,
                 };
+                if let Some(device) = physics.simulated() {
+                    simulators.insert(id.to_string(), device);
+                }
                 if profile.is_modbus() {
                     let unit_id = unit.unwrap_or(1);
                     let mut bus = crate::wiresim::ModbusBus::new();
@@ -132,6 +182,7 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
                         backing.clock,
                     ));
                     sim_faults.insert(id.to_string(), sim.faults());
+                    serial_simulators.insert(id.to_string(), Arc::clone(&sim));
                     let opener: PipeOpener = Arc::new(move || sim.connect());
                     let line = SerialLink::new(Opener::Pipe(opener));
                     Link::serial(&profile, Arc::new(tokio::sync::Mutex::new(line)))
@@ -180,5 +231,7 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
         lab: out,
         instruments,
         sim_faults,
+        simulators,
+        serial_simulators,
     })
 }

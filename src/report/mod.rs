@@ -57,6 +57,11 @@ pub fn render_entries(entries: &[Entry]) -> String {
     render_document(entries, None)
 }
 
+/// The colour of the readings' line in the signal plots.
+pub const LINE_COLOUR: &str = plots::LINE;
+/// The fill of a monitor's limit band in the signal plots (opaque).
+pub const BAND_COLOUR: &str = plots::BAND;
+
 /// Beyond this many entries, runs of consecutive samples are one row each in
 /// the event table (their values are in the plots and `runs export --format csv`).
 const FULL_TABLE_ENTRIES: usize = 5_000;
@@ -203,7 +208,7 @@ code, pre { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-si
 pre { background: #f6f7f9; border: 1px solid #e1e4e8; padding: 8px; overflow: auto; max-height: 480px; white-space: pre-wrap; word-break: break-all; }
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; vertical-align: top; padding: 3px 8px; border-bottom: 1px solid #e6e8ec; }
-th { background: #eef0f3; font-weight: 600; }
+th { background: #eef0f3; font-weight: 600; white-space: nowrap; }
 table.kv { width: auto; }
 table.kv th { background: none; color: #556070; font-weight: 600; white-space: nowrap; }
 table.events td:nth-child(-n+4) { white-space: nowrap; }
@@ -902,9 +907,6 @@ on_violation = "alarm"
     #[test]
     fn a_run_has_every_section() {
         let html = render_entries(&sample_run());
-        if let Some(p) = std::env::var_os("TMP_REPORT_OUT") {
-            std::fs::write(p, &html).unwrap();
-        }
         for needle in [
             "id=\"run\"",
             "id=\"signals\"",
@@ -1027,6 +1029,38 @@ on_violation = "alarm"
             let html = render_entries(&entries);
             assert!(html.ends_with("</html>\n"));
         }
+    }
+
+    #[test]
+    fn steps_land_in_their_devices_lanes() {
+        let html = render_entries(&sample_run());
+        let gantt = &html[html.find("class=\"gantt\"").unwrap()..html.find("id=\"deck\"").unwrap()];
+        for lane in ["ot2 (lh)", "br1 (br)", "controller"] {
+            assert!(gantt.contains(&format!(">{lane}</text>")), "lane {lane}");
+        }
+        assert_eq!(gantt.matches("class=\"bar completed\"").count(), 2);
+        assert_eq!(gantt.matches("class=\"bar failed\"").count(), 1);
+        assert_eq!(gantt.matches("class=\"bar unfinished\"").count(), 1);
+        assert!(gantt.contains("failed, then skipped"));
+        assert!(gantt.contains("still running at the run&#39;s end"));
+        // The run was held from 61 s to 90 s.
+        assert!(gantt.contains("run held (step move failed)"));
+    }
+
+    #[test]
+    fn a_plate_with_an_empty_tips_list_is_a_plate() {
+        let mut entries = sample_run();
+        entries.push(entry(
+            500,
+            json!({"type": "deck", "seq": 500, "t_s": 402.0, "labware": [
+                {"name": "plate", "device": "ot2", "slot": 2, "load_name": "corning_96_wellplate_360ul_flat",
+                 "rows": 8, "columns": 12, "volumes_ul": {"A1": 10.0}, "tips_used": []},
+                {"name": "tips", "device": "ot2", "slot": 1, "load_name": "opentrons_96_tiprack_300ul",
+                 "rows": 8, "columns": 12, "volumes_ul": {}, "tips_used": []}]}),
+        ));
+        let html = render_entries(&entries);
+        assert!(html.contains("1 of 96 wells hold liquid"), "the plate");
+        assert!(html.contains("0 of 96 tips used"), "the rack");
     }
 
     #[test]

@@ -15,18 +15,35 @@ use std::fmt::Write;
 const MAX_ROWS: u64 = 64;
 const MAX_COLUMNS: u64 = 96;
 const MAX_LABWARE: usize = 48;
+/// Wells drawn in all (each is a circle with a tooltip): 24 plates of 384.
+const MAX_WELLS: u64 = 9_216;
 /// Volume shading: empty wells white, the fullest this colour.
 const FULL: (u8, u8, u8) = (0x6a, 0x1b, 0x9a);
 const TIP: &str = "#c9b28a";
 
 /// `A`…`Z`, then `AA`, `AB`… (1536-well plates go to `AF`).
 fn row_name(i: u64) -> String {
-    let letter = |n: u64| char::from(b'A' + (n % 26) as u8);
-    if i < 26 {
-        letter(i).to_string()
-    } else {
-        format!("{}{}", letter(i / 26 - 1), letter(i))
+    crate::labware::row_label(i as usize)
+}
+
+/// Whether a deck entry's labware is a tip rack: its definition says so (a
+/// built-in, or the protocol's own); without one, a `tips_used` list that
+/// names tips or a load name that says it.
+fn is_tip_rack(run: &Run, l: &Value) -> bool {
+    let Some(used) = l.get("tips_used").and_then(Value::as_array) else {
+        return false;
+    };
+    let load_name = l["load_name"].as_str().unwrap_or("");
+    if let Some(d) = crate::labware::builtin::builtin(load_name) {
+        return d.is_tiprack;
     }
+    let declared = run
+        .checked
+        .as_ref()
+        .and_then(|c| c.protocol.as_ref())
+        .and_then(|p| p.labware.get(l["name"].as_str().unwrap_or("")))
+        .map(|lw| lw.definition.is_tiprack);
+    declared.unwrap_or_else(|| !used.is_empty() || load_name.contains("tiprack"))
 }
 
 fn shade(f: f64) -> String {
@@ -63,6 +80,7 @@ pub fn section(out: &mut String, run: &Run) {
     if labware.is_empty() {
         out.push_str("<p>No labware on any deck.</p>\n");
     }
+    let mut budget = MAX_WELLS;
     for (k, l) in labware.iter().enumerate() {
         if k >= MAX_LABWARE {
             let _ = writeln!(
@@ -72,11 +90,11 @@ pub fn section(out: &mut String, run: &Run) {
             );
             break;
         }
-        draw(out, l);
+        draw(out, l, is_tip_rack(run, l), &mut budget);
     }
 }
 
-fn draw(out: &mut String, l: &Value) {
+fn draw(out: &mut String, l: &Value, tip_rack: bool, budget: &mut u64) {
     let name = text(&l["name"]);
     let mut place = Vec::new();
     let device = text(&l["device"]);
@@ -125,9 +143,15 @@ fn draw(out: &mut String, l: &Value) {
         );
         return;
     }
+    if rows * columns > *budget {
+        out.push_str("<p class=\"warn\">Not drawn: the report already shows as many wells as it can.</p>\n</figure>\n");
+        return;
+    }
+    *budget -= rows * columns;
     let tips_used: Option<HashSet<&str>> = l
         .get("tips_used")
         .and_then(Value::as_array)
+        .filter(|_| tip_rack)
         .map(|a| a.iter().filter_map(Value::as_str).collect());
     let mut volumes: HashMap<&str, f64> = HashMap::new();
     if let Some(m) = l.get("volumes_ul").and_then(Value::as_object) {
@@ -177,6 +201,7 @@ fn draw(out: &mut String, l: &Value) {
             );
         }
     }
+    out.push_str("<g stroke=\"#8a919c\">");
     let mut on_grid = 0usize;
     let mut filled = 0usize;
     let mut total = 0.0f64;
@@ -205,7 +230,7 @@ fn draw(out: &mut String, l: &Value) {
                     }
                     let _ = write!(
                         out,
-                        "<circle cx=\"{}\" cy=\"{}\" r=\"{}\" fill=\"{}\" stroke=\"#8a919c\"{}><title>{well}: {}</title></circle>",
+                        "<circle cx=\"{}\" cy=\"{}\" r=\"{}\" fill=\"{}\"{}><title>{well}: {}</title></circle>",
                         c(cx),
                         c(cy),
                         c(r),
@@ -226,7 +251,7 @@ fn draw(out: &mut String, l: &Value) {
                     };
                     let _ = write!(
                         out,
-                        "<circle cx=\"{}\" cy=\"{}\" r=\"{}\" fill=\"{}\" stroke=\"#8a919c\"><title>{well}: {} µL</title></circle>",
+                        "<circle cx=\"{}\" cy=\"{}\" r=\"{}\" fill=\"{}\"><title>{well}: {} µL</title></circle>",
                         c(cx),
                         c(cy),
                         c(r),
@@ -237,6 +262,7 @@ fn draw(out: &mut String, l: &Value) {
             }
         }
     }
+    out.push_str("</g>");
     // The legend.
     let ly = top;
     match &tips_used {

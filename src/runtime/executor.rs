@@ -806,7 +806,7 @@ impl Executor {
             ))
         } else if !uncertain.is_empty() {
             Some(format!(
-                "resumed after the controller stopped: {}. Check the deck, then `resume` to do it again or `skip` the step",
+                "resumed after the controller stopped: {}. Check the deck, then `retry` to do it again or `skip` the rest of the step",
                 uncertain.join("; ")
             ))
         } else if matches!(r.last_state.as_str(), "held" | "holding") {

@@ -96,6 +96,18 @@ impl GcodeMachine {
         self.tip
     }
 
+    /// Puts back a tip holding `held_ul` (or none): the state a real machine
+    /// keeps while the controller that drove it is restarted.
+    pub fn restore_tip(&mut self, held_ul: Option<f64>) {
+        self.tip = held_ul.is_some();
+        let travel = held_ul.unwrap_or(0.0) * self.mm_per_ul;
+        self.pos[3] = if travel.is_finite() {
+            travel.clamp(0.0, self.max[3])
+        } else {
+            0.0
+        };
+    }
+
     /// µL in the tip (plunger travel over mm per µL).
     pub fn held_ul(&self) -> f64 {
         if self.tip {

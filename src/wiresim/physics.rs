@@ -38,6 +38,10 @@ pub trait Physics: Send + Sync {
     async fn command(&self, name: &str, args: &[(String, f64)]) -> Result<(), String>;
     /// The last value set for a setpoint, if any.
     fn target(&self, setpoint: &str) -> Option<f64>;
+    /// The simulated device behind this physics, when it is one.
+    fn simulated(&self) -> Option<DeviceHandle> {
+        None
+    }
 }
 
 /// Setpoint targets, busy count and last error: what every adapter keeps.
@@ -166,6 +170,10 @@ impl DevicePhysics {
 
 #[async_trait]
 impl Physics for DevicePhysics {
+    fn simulated(&self) -> Option<DeviceHandle> {
+        Some(self.handle.clone())
+    }
+
     async fn read(&self, signal: &str) -> Result<f64, String> {
         if let Some(v) = self.book.pseudo(signal) {
             return Ok(v);

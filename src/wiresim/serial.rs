@@ -123,6 +123,14 @@ impl SerialSimulator {
         &self.physics
     }
 
+    /// A G-code liquid handler's tip as a resumed run knows it (see
+    /// [`GcodeMachine::restore_tip`]); nothing for other instruments.
+    pub async fn restore_tip(&self, held_ul: Option<f64>) {
+        if let Some(machine) = &self.gcode {
+            machine.lock().await.restore_tip(held_ul);
+        }
+    }
+
     /// The G-code machine's state, for the liquid handler.
     pub async fn gcode_state(&self) -> Option<GcodeMachine> {
         match &self.gcode {
