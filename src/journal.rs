@@ -35,6 +35,27 @@ pub enum JournalError {
     },
     #[error("no run `{0}` in the journal")]
     UnknownRun(String),
+    #[error("run {run_id}: the journal does not verify at entry {seq} ({reason})")]
+    Broken {
+        run_id: String,
+        seq: u64,
+        reason: String,
+    },
+}
+
+/// What the journal recorded of a run, to take it up again.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub run_id: String,
+    pub protocol: String,
+    /// The protocol text as it was checked and run.
+    pub text: String,
+    pub params: Vec<crate::protocol::ParamOverride>,
+    /// role → device id.
+    pub binds: Vec<(String, String)>,
+    pub operator: Option<String>,
+    /// Every entry after the header: (seq, event).
+    pub events: Vec<(u64, Value)>,
 }
 
 /// What is known about a run when it starts.
@@ -234,6 +255,46 @@ impl Journal {
             .ok()
             .and_then(|v| v.get("header").cloned())
             .unwrap_or(Value::Null))
+    }
+
+    /// A run as recorded, for resuming it; a journal that does not verify is
+    /// not a record to act on.
+    pub fn recorded(&self, run_id: &str) -> Result<Recorded, JournalError> {
+        if let Verified::Broken { seq, reason } = self.verify(run_id)? {
+            return Err(JournalError::Broken {
+                run_id: run_id.to_string(),
+                seq,
+                reason,
+            });
+        }
+        let header = self.header(run_id)?;
+        let pairs = |v: &Value| -> Vec<(String, String)> {
+            v.as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let text = |name: &str| header[name].as_str().map(str::to_string);
+        Ok(Recorded {
+            run_id: run_id.to_string(),
+            protocol: text("protocol").unwrap_or_default(),
+            text: text("text").unwrap_or_default(),
+            params: pairs(&header["params"])
+                .into_iter()
+                .map(|(name, value)| crate::protocol::ParamOverride { name, value })
+                .collect(),
+            binds: pairs(&header["bindings"]),
+            operator: text("operator"),
+            events: self
+                .entries(run_id)?
+                .into_iter()
+                .filter(|e| e.seq > 0)
+                .map(|e| (e.seq, e.json()))
+                .collect(),
+        })
     }
 
     /// Runs that did not reach a final state (candidates for resuming), newest first.

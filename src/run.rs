@@ -401,40 +401,14 @@ pub fn cmd_resume(
     };
     let path = biofoundry::journal::journal_path(&lab.data_dir());
     let journal = biofoundry::journal::Journal::open(&path).map_err(|e| e.to_string())?;
-    // A journal that was changed is not a record to act on.
-    match journal.verify(run_id).map_err(|e| e.to_string())? {
-        biofoundry::journal::Verified::Intact { .. } => {}
-        biofoundry::journal::Verified::Broken { seq, reason } => {
-            return Err(format!(
-                "run {run_id}: the journal does not verify at entry {seq} ({reason}); not resumed"
-            ));
-        }
-    }
-    let header = journal.header(run_id).map_err(|e| e.to_string())?;
-    let text = header["text"].as_str().unwrap_or_default().to_string();
-    let name = format!(
-        "{} (journal of run {run_id})",
-        header["protocol"].as_str().unwrap_or("protocol")
-    );
-    let pairs = |v: &serde_json::Value| -> Vec<(String, String)> {
-        v.as_object()
-            .map(|o| {
-                o.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let params: Vec<ParamOverride> = pairs(&header["params"])
-        .into_iter()
-        .map(|(name, value)| ParamOverride { name, value })
-        .collect();
-    let binds = pairs(&header["bindings"]);
+    let recorded = journal.recorded(run_id).map_err(|e| e.to_string())?;
+    drop(journal);
+    let name = format!("{} (journal of run {run_id})", recorded.protocol);
     let report = crate::devices::check_with_lab(
-        biofoundry::source::SourceFile::new(&name, &text),
-        &params,
+        biofoundry::source::SourceFile::new(&name, &recorded.text),
+        &recorded.params,
         &lab,
-        &binds,
+        &recorded.binds,
     )?;
     if let Err(code) = crate::report_errors(&report, "not resumed") {
         return Ok(code);
@@ -442,25 +416,17 @@ pub fn cmd_resume(
     let (Some(protocol), Some(plan)) = (report.protocol, report.plan) else {
         return Ok(ExitCode::from(1));
     };
-    let events: Vec<(u64, serde_json::Value)> = journal
-        .entries(run_id)
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|e| e.seq > 0)
-        .map(|e| (e.seq, e.json()))
-        .collect();
-    drop(journal);
     execute(
         protocol,
         plan,
         Some(lab),
-        &params,
-        &binds,
+        &recorded.params,
+        &recorded.binds,
         speed,
         1,
         Begin::Resume {
             run_id: run_id.to_string(),
-            events,
+            events: recorded.events,
         },
     )
 }

@@ -15,7 +15,7 @@ use crate::mqtt::sink::MqttRunSink;
 use crate::mqtt::{Mqtt, command};
 use crate::protocol::ParamOverride;
 use crate::runtime::events::EventBus;
-use crate::runtime::executor::{RunHandle, RunOptions, RunReport, RunSetup, spawn};
+use crate::runtime::executor::{RunHandle, RunOptions, RunReport, RunSetup, spawn, spawn_resumed};
 use crate::runtime::machine::RunCommand;
 use crate::sim::{SimOptions, SimTiming};
 use crate::source::SourceFile;
@@ -231,7 +231,7 @@ pub async fn serve(
 
     let mut workcell = Workcell {
         lab: lab.clone(),
-        devices: runtime.lab,
+        devices: runtime.lab.clone(),
         publisher: publisher.clone(),
         clock,
         key: command_key,
@@ -239,6 +239,7 @@ pub async fn serve(
         current_run,
         run_options: options.run_options.clone(),
     };
+    workcell.resume_unfinished(&runtime).await;
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -690,6 +691,114 @@ impl Workcell {
             Err(e) => self.answer(id, CmdStatus::Failed, Some(&e.to_string()), Some(&run_id)),
         }
         tracing::info!(target: "serve", "run {run_id} of `{}` started", protocol.name);
+        self.active = Some(ActiveRun {
+            run_id,
+            handle,
+            task,
+        });
+    }
+
+    /// At start-up: the newest run the journal holds unfinished (the
+    /// controller was killed or lost power) is taken up again, as `biofoundry
+    /// resume` would, and announced on its `run/<id>/event` (`resumed`).
+    async fn resume_unfinished(&mut self, runtime: &crate::lab::LabRuntime) {
+        let path = crate::journal::journal_path(&self.lab.data_dir());
+        if !path.exists() {
+            return;
+        }
+        let unfinished = crate::journal::Journal::open(&path).and_then(|j| {
+            let runs = j.unfinished()?;
+            let newest = match runs.first() {
+                Some(r) => Some(j.recorded(&r.run_id)?),
+                None => None,
+            };
+            Ok((runs, newest, j))
+        });
+        let (runs, recorded, journal) = match unfinished {
+            Ok((runs, Some(recorded), journal)) => (runs, recorded, journal),
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(target: "serve", "no run resumed: {e}");
+                return;
+            }
+        };
+        for older in runs.iter().skip(1) {
+            tracing::warn!(target: "serve", "run {} was left unfinished too; `biofoundry resume {}` takes it up", older.run_id, older.run_id);
+        }
+        let run_id = recorded.run_id.clone();
+        let source = SourceFile::new(
+            format!("{} (journal of run {run_id})", recorded.protocol),
+            recorded.text.clone(),
+        );
+        let checked = check_with_lab(source, &recorded.params, &self.lab, &recorded.binds)
+            .ok()
+            .filter(|r| !r.has_errors());
+        let Some((protocol, plan)) = checked.and_then(|r| r.protocol.zip(r.plan)) else {
+            tracing::error!(target: "serve", "run {run_id} not resumed: its protocol no longer passes check against this lab");
+            return;
+        };
+        let setup = match RunSetup::new(
+            &protocol,
+            plan,
+            &self.devices,
+            &recorded.binds,
+            self.run_options.clone(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(target: "serve", "run {run_id} not resumed: {e}");
+                return;
+            }
+        };
+        let resumption = match crate::runtime::recovery::recover(
+            &recorded.events,
+            &setup,
+            crate::store::now_ms(),
+            self.clock.speed(),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(target: "serve", "run {run_id} not resumed: {e}");
+                return;
+            }
+        };
+        if let Err(e) = runtime.restore_simulators(&resumption, &setup).await {
+            tracing::error!(target: "serve", "run {run_id}: simulators not restored: {e}");
+        }
+        let sink = match journal.resume(&run_id) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(target: "serve", "run {run_id} not resumed: {e}");
+                return;
+            }
+        };
+        let params: serde_json::Map<String, Value> = recorded
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), Value::String(p.value.clone())))
+            .collect();
+        let info = RunInfo::new(
+            &run_id,
+            &protocol.name,
+            protocol.version.as_deref(),
+            &recorded.text,
+            Value::Object(params),
+            recorded.operator.as_deref(),
+        );
+        let mut bus = EventBus::continuing_after(resumption.after_seq);
+        bus.add_sink(Box::new(sink));
+        bus.add_sink(Box::new(MqttRunSink::new(self.publisher.clone(), info)));
+        let (handle, task) = spawn_resumed(setup, resumption, self.clock, bus);
+        if let Ok(mut r) = self.current_run.lock() {
+            *r = Some(run_id.clone());
+        }
+        if let Err(e) = handle
+            .command(RunCommand::Start, "controller (resumed at start-up)")
+            .await
+        {
+            tracing::error!(target: "serve", "run {run_id} not resumed: {e}");
+        }
+        tracing::info!(target: "serve", "run {run_id} of `{}` resumed", protocol.name);
         self.active = Some(ActiveRun {
             run_id,
             handle,

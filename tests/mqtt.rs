@@ -1064,3 +1064,76 @@ async fn a_retained_command_is_refused() {
     blocking(|| cell.terminate());
     blocking(|| drop(broker));
 }
+
+/// A controller killed with SIGKILL while its run waits for the operator is
+/// started again: it takes the run up by itself, says so on the run's event
+/// topic, asks the question again, and the run completes without repeating
+/// the step that had completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_controller_resumes_its_run_at_start_up() {
+    if !common::mqtt::require_mosquitto("a_killed_controller_resumes_its_run_at_start_up") {
+        return;
+    }
+    let broker = blocking(|| TestBroker::mosquitto(&BrokerOptions::default()));
+    let port = broker.port();
+    let (sub, mut cell) = signed_workcell(port, "bf/v1/#", "resume-observer").await;
+    let run_id = start_to_prompt(port, &sub, "resume-1", "2 min").await;
+    blocking(|| cell.kill());
+
+    cell.start();
+    let events = topic(&format!("run/{run_id}/event"));
+    let t = events.clone();
+    let received = sub
+        .wait_for("resumed", Duration::from_secs(60), move |r| {
+            r.iter()
+                .any(|m| m.topic == t && m.json().is_some_and(|v| v["action"] == "resumed"))
+        })
+        .await;
+    let resumed = received
+        .iter()
+        .rev()
+        .find_map(|m| {
+            (m.topic == events)
+                .then(|| m.json())
+                .flatten()
+                .filter(|v| v["action"] == "resumed")
+        })
+        .expect("resumed event");
+    assert!(
+        resumed["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("1 steps already completed")),
+        "{resumed}"
+    );
+    // The question is asked again; answered, the run completes.
+    let t = events.clone();
+    sub.wait_for("the prompt again", Duration::from_secs(30), move |r| {
+        r.iter()
+            .filter(|m| {
+                m.topic == t
+                    && m.json()
+                        .is_some_and(|v| v["action"] == "prompt" && v["phase"] == "started")
+            })
+            .count()
+            >= 2
+    })
+    .await;
+    command(
+        port,
+        "answer_prompt",
+        json!({"cmd_id": "resume-2", "run_id": run_id, "step_id": "ask", "response": "ok"}),
+    )
+    .await;
+    let received = wait_run_state(&sub, &run_id, "completed", 60).await;
+    let warm_completed = received
+        .iter()
+        .filter(|m| {
+            m.topic == topic(&format!("run/{run_id}/event"))
+                && m.json().is_some_and(|v| {
+                    v["step_id"] == "warm" && v["phase"] == "completed" && v["replayed"] != true
+                })
+        })
+        .count();
+    assert_eq!(warm_completed, 1, "the completed step ran once");
+    blocking(|| cell.terminate());
+}

@@ -242,7 +242,8 @@ pub fn section(out: &mut String, run: &Run) {
         let mut ends: Vec<f64> = Vec::new();
         for i in idx {
             let (s, e) = px(&bars[i]);
-            let row = match ends.iter().position(|end| *end <= s) {
+            // Bars that only touch share a row.
+            let row = match ends.iter().position(|end| *end <= s + 0.5) {
                 Some(r) => r,
                 None if ends.len() < MAX_ROWS => {
                     ends.push(f64::NEG_INFINITY);
@@ -250,7 +251,7 @@ pub fn section(out: &mut String, run: &Run) {
                 }
                 None => ends.len() - 1,
             };
-            ends[row] = e + 1.0;
+            ends[row] = e;
             row_of_bar[i] = row;
         }
         *rows = ends.len().max(1);

@@ -224,7 +224,7 @@ tr.collapsed td { color: #5b6472; font-style: italic; }
 figure { margin: 10px 0 18px; }
 figcaption { font-size: 12.5px; color: #3d4552; }
 svg { display: block; max-width: 100%; height: auto; background: #fff; }
-svg text { font-family: inherit; fill: #1d2330; }
+svg text { font-family: inherit; }
 svg .tick { font-size: 11px; fill: #4a5261; }
 svg .label { font-size: 12px; fill: #1d2330; }
 svg .small { font-size: 10px; }
