@@ -287,3 +287,101 @@ impl EventSink for ChannelSink {
         let _ = self.0.send(event.clone());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Records what it sees and when it was flushed, in one shared log.
+    struct Probe {
+        name: &'static str,
+        durable: bool,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl EventSink for Probe {
+        fn publish(&mut self, event: &Event) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{} saw {}", self.name, event.seq));
+        }
+        fn durable(&self) -> bool {
+            self.durable
+        }
+        fn flush(&mut self) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{} flushed", self.name));
+        }
+    }
+
+    fn log_line(t: &str) -> EventKind {
+        EventKind::Log {
+            step_id: "s".into(),
+            message: t.into(),
+        }
+    }
+
+    #[test]
+    fn reporting_sinks_see_an_event_only_after_the_journal_committed_it() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut bus = EventBus::continuing_after(41);
+        bus.add_sink(Box::new(Probe {
+            name: "console",
+            durable: false,
+            log: log.clone(),
+        }));
+        bus.add_sink(Box::new(Probe {
+            name: "journal",
+            durable: true,
+            log: log.clone(),
+        }));
+        assert_eq!(bus.publish(0.0, log_line("a")), 42);
+        bus.publish(0.0, log_line("b"));
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["journal saw 42", "journal saw 43"],
+            "nothing is reported before a flush"
+        );
+        bus.flush();
+        bus.flush(); // nothing pending: no second commit
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "journal saw 42",
+                "journal saw 43",
+                "journal flushed",
+                "console saw 42",
+                "console saw 43"
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_durable_sink_events_are_reported_at_once_and_a_full_buffer_flushes() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut bus = EventBus::new();
+        bus.add_sink(Box::new(Probe {
+            name: "console",
+            durable: false,
+            log: log.clone(),
+        }));
+        bus.publish(0.0, log_line("a"));
+        assert_eq!(*log.lock().unwrap(), ["console saw 1"]);
+
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut bus = EventBus::new();
+        bus.add_sink(Box::new(Probe {
+            name: "journal",
+            durable: true,
+            log: log.clone(),
+        }));
+        for _ in 0..MAX_PENDING {
+            bus.publish(0.0, log_line("x"));
+        }
+        assert!(log.lock().unwrap().contains(&"journal flushed".to_string()));
+    }
+}

@@ -432,3 +432,167 @@ pub(crate) fn split_place(place: &str) -> (&str, u32) {
         None => (place, 0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::check_source;
+    use crate::clock::Clock;
+    use crate::runtime::executor::RunOptions;
+    use crate::sim::{SimOptions, SimTiming, simulated_lab};
+    use crate::source::SourceFile;
+    use crate::validate::SimulatedLab;
+    use serde_json::json;
+
+    const PROTOCOL: &str = r#"
+format = "biofoundry.protocol/1"
+[protocol]
+name = "recovery"
+[devices]
+lh = "liquid_handler"
+tm = "temperature_module"
+[labware.tips]
+type = "opentrons_96_tiprack_300ul"
+at = "lh:1"
+[labware.source]
+type = "nest_12_reservoir_15ml"
+at = "lh:2"
+contents = { A1 = "10 mL buffer" }
+[labware.plate]
+type = "corning_96_wellplate_360ul_flat"
+at = "lh:3"
+[[step]]
+id = "cool"
+do = "tm.set_temperature"
+temperature = "20 C"
+[[step]]
+id = "fill"
+do = "lh.transfer"
+from = "source:A1"
+to = "plate:A1:B1"
+volume = "40 uL"
+tips = "always"
+"#;
+
+    fn setup() -> RunSetup {
+        let report = check_source(SourceFile::new("r.toml", PROTOCOL), &[], &SimulatedLab);
+        assert!(!report.has_errors(), "{:?}", report.diagnostics);
+        let (protocol, plan) = (report.protocol.unwrap(), report.plan.unwrap());
+        let lab = simulated_lab(
+            Clock::new(1.0),
+            SimOptions {
+                seed: 1,
+                timing: SimTiming::Instant,
+            },
+        );
+        RunSetup::new(&protocol, plan, &lab, &[], RunOptions::default()).unwrap()
+    }
+
+    fn op(seq: u64, step: &str, index: u32, phase: &str) -> (u64, Value) {
+        (
+            seq,
+            json!({"seq": seq, "t_s": seq as f64, "unix_ms": 1_000 + seq, "type": "operation",
+                   "step_id": step, "index": index, "phase": phase}),
+        )
+    }
+
+    fn step(seq: u64, id: &str, phase: &str) -> (u64, Value) {
+        (
+            seq,
+            json!({"seq": seq, "t_s": seq as f64, "unix_ms": 1_000 + seq, "type": "step",
+                   "step_id": id, "action": "x", "phase": phase}),
+        )
+    }
+
+    fn volume(r: &Resumption, labware: &str, well: &str) -> f64 {
+        r.decks["lh"]
+            .records("lh1")
+            .iter()
+            .find(|l| l.name == labware)
+            .and_then(|l| l.volumes_ul.get(well).copied())
+            .unwrap_or(0.0)
+    }
+
+    #[tokio::test]
+    async fn an_unknown_dispense_holds_a_repeatable_setpoint_is_repeated_and_the_deck_is_replayed()
+    {
+        let setup = setup();
+        let fill = &setup.plan.steps[1];
+        // A transfer with tips "always": pick, aspirate, dispense, drop per well.
+        assert!(matches!(fill.operations[2].op, Op::Dispense { .. }));
+        let events = vec![
+            step(1, "cool", "started"),
+            op(2, "cool", 0, "sent"),
+            step(3, "fill", "started"),
+            op(4, "fill", 0, "sent"),
+            op(5, "fill", 0, "done"),
+            op(6, "fill", 1, "sent"),
+            op(7, "fill", 1, "done"),
+            op(8, "fill", 2, "sent"),
+        ];
+        // Stopped 10 s (wall clock) after the last entry, at lab speed 2.
+        let r = recover(&events, &setup, 1_008 + 10_000, 2.0).unwrap();
+        assert_eq!(r.after_seq, 8);
+        assert!(
+            (r.resume_at_s - (8.0 + 20.0)).abs() < 1e-9,
+            "{}",
+            r.resume_at_s
+        );
+        assert!(matches!(
+            &r.steps[0],
+            StepProgress::Running {
+                next_op: 0,
+                uncertain: None,
+                ..
+            }
+        ));
+        let StepProgress::Running {
+            next_op: 2,
+            uncertain: Some(why),
+            ..
+        } = &r.steps[1]
+        else {
+            panic!("{:?}", r.steps[1]);
+        };
+        assert!(
+            why.contains("operation 3 of 8") && why.contains("dispense"),
+            "{why}"
+        );
+        // The aspirate happened: the source lost 40 uL, the tip holds it;
+        // the uncertain dispense is not counted.
+        assert!((volume(&r, "source", "A1") - 9960.0).abs() < 1e-6);
+        assert_eq!(volume(&r, "plate", "A1"), 0.0);
+        assert_eq!(r.decks["lh"].tip_volume_ul(), Some(40.0));
+        assert_eq!(r.uncertain().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn completed_steps_stay_done_setpoints_are_kept_and_an_ended_run_is_refused() {
+        let setup = setup();
+        let mut events = vec![
+            step(1, "cool", "started"),
+            op(2, "cool", 0, "sent"),
+            op(3, "cool", 0, "done"),
+            step(4, "cool", "completed"),
+        ];
+        let r = recover(&events, &setup, 2_000, 1.0).unwrap();
+        assert_eq!(r.steps[0], StepProgress::Completed);
+        assert_eq!(r.steps[1], StepProgress::NotStarted);
+        assert_eq!(r.completed(), 1);
+        assert_eq!(r.setpoints["tm"][0].name, "temperature");
+        events.push((
+            5,
+            json!({"seq": 5, "t_s": 5.0, "unix_ms": 1005, "type": "run_state", "state": "completed"}),
+        ));
+        assert_eq!(
+            recover(&events, &setup, 2_000, 1.0).err(),
+            Some(RecoveryError::Ended("completed".into()))
+        );
+        // An operation the plan does not have: the journal is not this run's.
+        let wrong = vec![op(1, "fill", 99, "sent")];
+        assert!(matches!(
+            recover(&wrong, &setup, 2_000, 1.0),
+            Err(RecoveryError::Plan(_))
+        ));
+    }
+}
