@@ -177,9 +177,16 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// Opens the journal, first moving into it the tail logs left by runs
+    /// whose process died.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let conn = open_connection(path)?;
+        import_tails(&conn, path).map_err(|source| JournalError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Journal {
-            conn: open_connection(path)?,
+            conn,
             path: path.to_path_buf(),
         })
     }
@@ -208,13 +215,12 @@ impl Journal {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(JournalSink {
-            conn: open_connection(&self.path)?,
-            path: self.path.clone(),
-            run_id: header.run_id.clone(),
-            prev: hash,
-            buffered: Vec::new(),
-        })
+        Ok(JournalSink::new(
+            open_connection(&self.path)?,
+            &self.path,
+            &header.run_id,
+            hash,
+        ))
     }
 
     /// Goes on with a run's chain (resuming it): the returned sink chains
@@ -230,13 +236,12 @@ impl Journal {
             .optional()
             .map_err(|e| self.err(e))?;
         let prev = last.ok_or_else(|| JournalError::UnknownRun(run_id.to_string()))?;
-        Ok(JournalSink {
-            conn: open_connection(&self.path)?,
-            path: self.path.clone(),
-            run_id: run_id.to_string(),
+        Ok(JournalSink::new(
+            open_connection(&self.path)?,
+            &self.path,
+            run_id,
             prev,
-            buffered: Vec::new(),
-        })
+        ))
     }
 
     /// The header a run started with (entry 0).
@@ -398,15 +403,31 @@ impl Journal {
     }
 }
 
-/// The durable sink of a run's bus: chains each event at once and commits the
-/// chained entries in one transaction at the bus's flush points.
+/// The durable sink of a run's bus. Each event is chained at once; at the
+/// bus's flush points (write-ahead points) the new entries are appended to the
+/// run's tail log with one `write`, which a killed process cannot lose; the
+/// entries go into SQLite in larger transactions (every 2 048 entries or
+/// 200 ms, at a final state, at the end), after which the tail is emptied.
+/// `Journal::open` moves the tail of a run whose process died into SQLite.
 pub struct JournalSink {
     conn: Connection,
     path: PathBuf,
     run_id: String,
     prev: String,
-    /// Chained, not yet committed: (seq, kind, body, prev, hash, run state).
+    /// Chained, not yet in SQLite.
     buffered: Vec<Buffered>,
+    /// How many of `buffered` are in the tail log already.
+    tailed: usize,
+    tail: Option<Tail>,
+    last_commit: std::time::Instant,
+    /// A final run state is pending: commit it to SQLite at once.
+    final_pending: bool,
+}
+
+/// A run's tail log, locked while its run is live.
+struct Tail {
+    file: std::fs::File,
+    path: PathBuf,
 }
 
 struct Buffered {
@@ -419,12 +440,52 @@ struct Buffered {
     state: Option<(&'static str, Option<i64>)>,
 }
 
+/// Entries in SQLite at most this many behind.
+const COMMIT_ENTRIES: usize = 2048;
+/// ... and at most this old.
+const COMMIT_AFTER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The folder of the tail logs of a journal file.
+fn tail_dir(journal: &Path) -> PathBuf {
+    let mut name = journal.as_os_str().to_owned();
+    name.push(".tail");
+    PathBuf::from(name)
+}
+
+fn tail_file(journal: &Path, run_id: &str) -> PathBuf {
+    let safe: String = run_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    tail_dir(journal).join(format!("{safe}.log"))
+}
+
 impl JournalSink {
+    fn new(conn: Connection, path: &Path, run_id: &str, prev: String) -> JournalSink {
+        JournalSink {
+            conn,
+            path: path.to_path_buf(),
+            run_id: run_id.to_string(),
+            prev,
+            buffered: Vec::new(),
+            tailed: 0,
+            tail: None,
+            last_commit: std::time::Instant::now(),
+            final_pending: false,
+        }
+    }
+
     fn commit(&mut self) -> Result<(), rusqlite::Error> {
         let tx = self.conn.unchecked_transaction()?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT INTO entries (run_id, seq, kind, body, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO entries (run_id, seq, kind, body, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for b in &self.buffered {
                 insert.execute(params![
@@ -445,7 +506,52 @@ impl JournalSink {
         }
         tx.commit()?;
         self.buffered.clear();
+        self.tailed = 0;
+        self.final_pending = false;
+        self.last_commit = std::time::Instant::now();
+        if let Some(tail) = &self.tail {
+            // In SQLite now: the tail starts again (appends go to its new end).
+            let _ = tail.file.set_len(0);
+        }
         Ok(())
+    }
+
+    /// Appends the entries not yet in the tail log with one write.
+    fn append_tail(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.tail.is_none() {
+            let path = tail_file(&self.path, &self.run_id);
+            std::fs::create_dir_all(tail_dir(&self.path))?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            // Held while the run is live, so that no reader takes the tail.
+            file.lock()?;
+            self.tail = Some(Tail { file, path });
+        }
+        let mut text = String::new();
+        for b in &self.buffered[self.tailed..] {
+            text.push_str(&format!(
+                "{}\t{}\t{}\t{}\t{}\t{}\n",
+                self.run_id, b.seq, b.kind, b.prev, b.hash, b.body
+            ));
+        }
+        if let Some(tail) = &mut self.tail {
+            tail.file.write_all(text.as_bytes())?;
+        }
+        self.tailed = self.buffered.len();
+        Ok(())
+    }
+
+    fn commit_or_log(&mut self) {
+        if let Err(e) = self.commit() {
+            // The run goes on (a stopped run is worse than a gap); the gap
+            // shows in `runs verify`, and the log says why.
+            tracing::error!(target: "journal", "{}: run {}: {e}", self.path.display(), self.run_id);
+            self.buffered.clear();
+            self.tailed = 0;
+        }
     }
 }
 
@@ -454,10 +560,13 @@ impl EventSink for JournalSink {
         let body = serde_json::to_string(event).unwrap_or_default();
         let hash = chain_hash(&self.prev, &body);
         let state = match &event.kind {
-            EventKind::RunState { state, .. } => Some((
-                state.name(),
-                state.is_final().then_some(event.unix_ms as i64),
-            )),
+            EventKind::RunState { state, .. } => {
+                self.final_pending |= state.is_final();
+                Some((
+                    state.name(),
+                    state.is_final().then_some(event.unix_ms as i64),
+                ))
+            }
             _ => None,
         };
         self.buffered.push(Buffered {
@@ -475,22 +584,122 @@ impl EventSink for JournalSink {
     }
 
     fn flush(&mut self) {
-        if self.buffered.is_empty() {
+        if self.tailed == self.buffered.len() {
             return;
         }
-        if let Err(e) = self.commit() {
-            // The run goes on (a stopped run is worse than a gap); the gap
-            // shows in `runs verify`, and the log says why.
-            tracing::error!(target: "journal", "{}: run {}: {e}", self.path.display(), self.run_id);
-            self.buffered.clear();
+        let due = self.final_pending
+            || self.buffered.len() >= COMMIT_ENTRIES
+            || self.last_commit.elapsed() >= COMMIT_AFTER;
+        if due {
+            self.commit_or_log();
+        } else if let Err(e) = self.append_tail() {
+            tracing::warn!(target: "journal", "{}: run {}: tail log: {e}; committing to SQLite instead", self.path.display(), self.run_id);
+            self.commit_or_log();
         }
     }
 }
 
 impl Drop for JournalSink {
     fn drop(&mut self) {
-        self.flush();
+        if !self.buffered.is_empty() && self.tailed < self.buffered.len() {
+            // Not in the tail yet: there is nowhere else for them.
+            let _ = self.append_tail();
+        }
+        let committed = self.buffered.is_empty() || self.commit().is_ok();
+        match self.tail.take() {
+            Some(tail) if committed => {
+                let _ = std::fs::remove_file(&tail.path);
+            }
+            // Left for the next `Journal::open` to move into SQLite.
+            Some(_) => {
+                tracing::error!(target: "journal", "{}: run {}: the last entries stay in the tail log", self.path.display(), self.run_id)
+            }
+            None => {}
+        }
     }
+}
+
+/// Moves into SQLite the tail logs whose runs' processes died (their lock is
+/// free): entries after the last one SQLite has, as long as they continue its
+/// chain; a torn last line is left out.
+fn import_tails(conn: &Connection, journal: &Path) -> Result<(), rusqlite::Error> {
+    let Ok(dir) = std::fs::read_dir(tail_dir(journal)) else {
+        return Ok(());
+    };
+    for item in dir.flatten() {
+        let path = item.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("log") {
+            continue;
+        }
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue; // its run is live
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let tx = conn.unchecked_transaction()?;
+        let mut last: Option<(String, i64, String)> = None;
+        for line in text.split_inclusive('\n') {
+            let Some(line) = line.strip_suffix('\n') else {
+                break; // torn
+            };
+            let f: Vec<&str> = line.splitn(6, '\t').collect();
+            let [run_id, seq, kind, prev, hash, body] = f[..] else {
+                break;
+            };
+            let Ok(seq) = seq.parse::<i64>() else {
+                break;
+            };
+            if last.as_ref().is_none_or(|(r, _, _)| r != run_id) {
+                let top: Option<(i64, String)> = tx
+                    .query_row(
+                        "SELECT seq, hash FROM entries WHERE run_id = ?1 ORDER BY seq DESC LIMIT 1",
+                        params![run_id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((s, h)) = top else {
+                    break; // no header: not a run of this journal
+                };
+                last = Some((run_id.to_string(), s, h));
+            }
+            let Some((_, top_seq, top_hash)) = &mut last else {
+                break;
+            };
+            if seq <= *top_seq {
+                continue; // in SQLite already
+            }
+            if seq != *top_seq + 1 || prev != top_hash.as_str() || chain_hash(prev, body) != hash {
+                break;
+            }
+            tx.execute(
+                "INSERT INTO entries (run_id, seq, kind, body, prev, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![run_id, seq, kind, body, prev, hash],
+            )?;
+            if kind == "run_state" {
+                let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+                if let Some(state) = v["state"].as_str() {
+                    let ended = matches!(state, "completed" | "aborted" | "stopped")
+                        .then(|| v["unix_ms"].as_i64())
+                        .flatten();
+                    tx.execute(
+                        "UPDATE runs SET state = ?2, ended_ms = COALESCE(?3, ended_ms) WHERE run_id = ?1",
+                        params![run_id, state, ended],
+                    )?;
+                }
+            }
+            *top_seq = seq;
+            *top_hash = hash.to_string();
+        }
+        tx.commit()?;
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
 }
 
 /// The samples of a run as a tidy table: one row per value.
@@ -686,6 +895,68 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_runs_tail_log_is_moved_into_sqlite_up_to_a_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.sqlite");
+        let j = Journal::open(&path).unwrap();
+        let mut sink = j.begin(&header("r4")).unwrap();
+        for seq in 1..=3 {
+            sink.publish(&event(
+                seq,
+                EventKind::Log {
+                    step_id: "s".into(),
+                    message: format!("line {seq}"),
+                },
+            ));
+        }
+        // The lines a dead process left: what its sink had chained.
+        let mut text: String = sink
+            .buffered
+            .iter()
+            .map(|b| {
+                format!(
+                    "r4\t{}\t{}\t{}\t{}\t{}\n",
+                    b.seq, b.kind, b.prev, b.hash, b.body
+                )
+            })
+            .collect();
+        text.push_str("r4\t4\tlog\tabc"); // torn by the kill
+        sink.buffered.clear();
+        drop(sink);
+        drop(j);
+        std::fs::create_dir_all(tail_dir(&path)).unwrap();
+        std::fs::write(tail_file(&path, "r4"), text).unwrap();
+        let j = Journal::open(&path).unwrap();
+        assert_eq!(j.verify("r4").unwrap(), Verified::Intact { entries: 4 });
+        assert!(!tail_file(&path, "r4").exists());
+        assert_eq!(j.entries("r4").unwrap()[3].json()["message"], "line 3");
+    }
+
+    #[test]
+    fn a_live_runs_tail_log_is_left_alone_and_committed_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.sqlite");
+        let j = Journal::open(&path).unwrap();
+        let mut sink = j.begin(&header("r5")).unwrap();
+        sink.publish(&event(
+            1,
+            EventKind::Log {
+                step_id: "s".into(),
+                message: "x".into(),
+            },
+        ));
+        sink.flush();
+        // Written ahead to the tail, not yet in SQLite; a reader leaves it.
+        assert!(tail_file(&path, "r5").exists());
+        let reader = Journal::open(&path).unwrap();
+        assert_eq!(reader.entries("r5").unwrap().len(), 1);
+        assert!(tail_file(&path, "r5").exists());
+        drop(sink);
+        assert_eq!(reader.entries("r5").unwrap().len(), 2);
+        assert!(!tail_file(&path, "r5").exists());
+    }
+
+    #[test]
     fn samples_become_one_row_per_value() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.sqlite");
@@ -708,6 +979,7 @@ mod tests {
                 ],
             },
         ));
+        drop(sink);
         let csv = samples_csv(&j.entries("r2").unwrap());
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 3, "{csv}");

@@ -211,9 +211,53 @@ fn describe(e: &Entry) -> String {
                 .unwrap_or_default()
         ),
         "log" => format!("log {}: {}", s("step_id"), s("message")),
+        "operation" => format!(
+            "operation {} #{} {}{}",
+            s("step_id"),
+            v["index"].as_u64().map_or(0, |i| i + 1),
+            s("phase"),
+            detail(&v)
+        ),
+        "deck" => {
+            let labware: Vec<String> = v["labware"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|l| {
+                            format!(
+                                "{} on {}:{}",
+                                l["name"].as_str().unwrap_or(""),
+                                l["device"].as_str().unwrap_or(""),
+                                l["slot"]
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("deck {}", labware.join(", "))
+        }
+        "resumed" => format!(
+            "resumed after #{}: {} steps completed before{}{}",
+            v["after_seq"],
+            v["steps_completed"],
+            list(&v, "continued", "; continuing "),
+            list(&v, "uncertain", "; UNCERTAIN: ")
+        ),
         other => other.to_string(),
     };
     format!("{clock}  #{:<5} {what}", e.seq)
+}
+
+fn list(v: &serde_json::Value, key: &str, prefix: &str) -> String {
+    let items: Vec<&str> = v[key]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}{}", items.join("; "))
+    }
 }
 
 fn reason(v: &serde_json::Value) -> String {

@@ -285,6 +285,7 @@ fn a_run_killed_at_twenty_points_is_resumed_without_repeating_anything() {
     let mut during_wait = 0;
     let mut held_and_answered = 0;
     let mut sampled_after = 0;
+    let mut shown = false;
     for k in 1..=KILLS {
         let data = format!("data-{k}");
         let lab = lab(dir, &format!("lab-{k}.toml"), &data);
@@ -314,6 +315,14 @@ fn a_run_killed_at_twenty_points_is_resumed_without_repeating_anything() {
         }
         child.kill().expect("SIGKILL");
         child.wait().expect("killed");
+        // Any reader moves the dead run's tail log into SQLite.
+        let list = bin()
+            .args(["runs", "list", "--lab"])
+            .arg(&lab)
+            .current_dir(dir)
+            .output()
+            .expect("runs list");
+        assert!(list.status.success());
 
         let before = entries(&db);
         let at = landing(&before);
@@ -355,6 +364,22 @@ fn a_run_killed_at_twenty_points_is_resumed_without_repeating_anything() {
             same_deck(&deck, &reference_deck),
             "kill {k}: final deck differs from the uninterrupted run:\n{deck}\n{reference_deck}"
         );
+        if !shown {
+            // The timeline says where the run was taken up.
+            let show = bin()
+                .args(["runs", "show", &id, "--lab"])
+                .arg(&lab)
+                .current_dir(dir)
+                .output()
+                .expect("show");
+            let timeline = String::from_utf8_lossy(&show.stdout).to_string();
+            assert!(timeline.contains("resumed after #"), "{timeline}");
+            assert!(
+                timeline.contains("operation buffer #1 sent: pick up tip"),
+                "{timeline}"
+            );
+            shown = true;
+        }
         let resumed_at = after
             .iter()
             .position(|e| e["type"] == "resumed")

@@ -76,8 +76,8 @@ fn bars<'a>(run: &'a Run) -> Vec<Bar<'a>> {
         let detail = e.s("detail");
         let outcome = match e.s("phase") {
             "started" => {
-                if !open.contains_key(&key) {
-                    open.insert(key, bars.len());
+                if let std::collections::hash_map::Entry::Vacant(slot) = open.entry(key) {
+                    slot.insert(bars.len());
                     last.insert(key, bars.len());
                     bars.push(Bar {
                         step: key.0,
@@ -95,7 +95,7 @@ fn bars<'a>(run: &'a Run) -> Vec<Bar<'a>> {
             }
             "retrying" => {
                 if let Some(&i) = open.get(&key) {
-                    bars[i].retries += 1;
+                    bars[i].retries = bars[i].retries.saturating_add(1);
                     bars[i].detail = detail.to_string();
                 }
                 continue;

@@ -262,6 +262,7 @@ fn render_document(entries: &[Entry], verified: Option<&Verified>) -> String {
     // Nothing may be loaded or run, whatever the journal's text says.
     out.push_str("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">\n");
     out.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
+    let title = truncate(&title, 300);
     let _ = writeln!(out, "<title>{}</title>", esc(&title));
     let _ = writeln!(out, "<style>{CSS}</style>\n</head>\n<body>");
     let _ = writeln!(out, "<h1>{}</h1>", esc(&title));
@@ -303,7 +304,7 @@ fn header_section(out: &mut String, run: &Run, n_entries: usize, verified: Optio
         );
     }
     out.push_str("<table class=\"kv\">\n");
-    let plain = |k: &str| esc(&text(&h[k]));
+    let plain = |k: &str| esc(&truncate(&text(&h[k]), 1000));
     kv(out, "run", &format!("<code>{}</code>", plain("run_id")));
     let version = text(&h["version"]);
     kv(
@@ -315,7 +316,7 @@ fn header_section(out: &mut String, run: &Run, n_entries: usize, verified: Optio
             if version.is_empty() {
                 String::new()
             } else {
-                format!(", version {}", esc(&version))
+                format!(", version {}", esc(&truncate(&version, 200)))
             }
         ),
     );
@@ -327,7 +328,7 @@ fn header_section(out: &mut String, run: &Run, n_entries: usize, verified: Optio
         &if operator.is_empty() {
             "<span class=\"note\">not given</span>".into()
         } else {
-            esc(&operator)
+            esc(&truncate(&operator, 200))
         },
     );
     kv(out, "source", &plain("source"));
@@ -376,11 +377,11 @@ fn header_section(out: &mut String, run: &Run, n_entries: usize, verified: Optio
             let reason = last_state.map(|e| e.s("reason")).unwrap_or("");
             format!(
                 "<span class=\"state {0}\">{0}</span>{1}",
-                esc(&state),
+                esc(&truncate(&state, 100)),
                 if reason.is_empty() {
                     String::new()
                 } else {
-                    format!(" ({})", esc(reason))
+                    format!(" ({})", esc(&truncate(reason, 1000)))
                 }
             )
         },
@@ -438,8 +439,8 @@ fn header_section(out: &mut String, run: &Run, n_entries: usize, verified: Optio
                 let _ = writeln!(
                     out,
                     "<tr><th>{}</th><td><code>{}</code>{}</td></tr>",
-                    esc(name),
-                    esc(&value),
+                    esc(&truncate(name, 200)),
+                    esc(&truncate(&value, 1000)),
                     if param.overridden {
                         " <span class=\"note\">(given for this run)</span>"
                     } else {
@@ -453,7 +454,11 @@ fn header_section(out: &mut String, run: &Run, n_entries: usize, verified: Optio
             Some(m) if !m.is_empty() => {
                 out.push_str("<table class=\"kv\">\n");
                 for (k, v) in m {
-                    kv(out, k, &format!("<code>{}</code>", esc(&text(v))));
+                    kv(
+                        out,
+                        &truncate(k, 200),
+                        &format!("<code>{}</code>", esc(&truncate(&text(v), 1000))),
+                    );
                 }
                 out.push_str("</table>\n");
             }
@@ -470,7 +475,11 @@ fn header_section(out: &mut String, run: &Run, n_entries: usize, verified: Optio
                 .and_then(|p| p.devices.get(role))
                 .map(|d| format!(" <span class=\"note\">({})</span>", d.kind))
                 .unwrap_or_default();
-            kv(out, role, &format!("<code>{}</code>{kind}", esc(device)));
+            kv(
+                out,
+                &truncate(role, 200),
+                &format!("<code>{}</code>{kind}", esc(&truncate(device, 200))),
+            );
         }
         out.push_str("</table>\n");
     }
@@ -1061,6 +1070,38 @@ on_violation = "alarm"
         let html = render_entries(&entries);
         assert!(html.contains("1 of 96 wells hold liquid"), "the plate");
         assert!(html.contains("0 of 96 tips used"), "the rack");
+    }
+
+    #[test]
+    fn huge_strings_do_not_make_a_huge_report() {
+        let big = "x".repeat(1 << 20);
+        let entries = vec![
+            entry(
+                0,
+                json!({"type": "run", "header": {"run_id": big, "protocol": big, "operator": big, "source": big,
+                    "sha256": big, "version": big, "controller_version": big, "params": {"p": big}, "bindings": {"r": big}}}),
+            ),
+            entry(
+                1,
+                json!({"type": "sample", "seq": 1, "t_s": 1.0, "device": big, "source": big,
+                    "values": [[big, {"value": 1.0, "dimension": "unitless"}]]}),
+            ),
+            entry(
+                2,
+                json!({"type": "step", "seq": 2, "t_s": 1.0, "step_id": big, "action": big, "phase": "started", "detail": big}),
+            ),
+            entry(
+                3,
+                json!({"type": "alarm", "seq": 3, "t_s": 1.0, "alarm_id": big, "state": big, "source": big, "message": big}),
+            ),
+            entry(
+                4,
+                json!({"type": "deck", "seq": 4, "t_s": 1.0, "labware": [{"name": big, "device": big, "slot": big,
+                    "load_name": big, "rows": 1, "columns": 1, "volumes_ul": {"A1": 1.0}}]}),
+            ),
+        ];
+        let html = render_entries(&entries);
+        assert!(html.len() < 100_000, "{} bytes", html.len());
     }
 
     #[test]

@@ -99,10 +99,10 @@ fn draw(out: &mut String, l: &Value, tip_rack: bool, budget: &mut u64) {
     let mut place = Vec::new();
     let device = text(&l["device"]);
     if !device.is_empty() {
-        place.push(format!("on {device}"));
+        place.push(format!("on {}", truncate(&device, 80)));
     }
     if !l["slot"].is_null() {
-        place.push(format!("slot {}", text(&l["slot"])));
+        place.push(format!("slot {}", truncate(&text(&l["slot"]), 20)));
     }
     let load_name = text(&l["load_name"]);
     let _ = writeln!(
@@ -176,7 +176,7 @@ fn draw(out: &mut String, l: &Value, tip_rack: bool, budget: &mut u64) {
         "<svg viewBox=\"0 0 {0} {1}\" width=\"{0}\" height=\"{1}\" role=\"img\" aria-label=\"{2}\">",
         c(w),
         c(h),
-        esc(&format!("well map of {name}"))
+        esc(&format!("well map of {}", truncate(&name, 80)))
     );
     let label_every = if cell < 14.0 { 2 } else { 1 };
     for col in 0..columns {

@@ -288,7 +288,7 @@ fn plot(out: &mut String, run: &Run, s: &Series, x: &Scale, alarms: &[(&Ev, bool
     };
     let y = Scale::new(lo, hi, H - MB, MT);
 
-    let title = format!("{} · {}", s.device, s.signal);
+    let title = format!("{} · {}", truncate(s.device, 80), truncate(s.signal, 80));
     let _ = writeln!(out, "<figure class=\"plot\">\n<h3>{}</h3>", esc(&title));
     let _ = write!(
         out,
@@ -373,16 +373,48 @@ fn plot(out: &mut String, run: &Run, s: &Series, x: &Scale, alarms: &[(&Ev, bool
     // The readings.
     let picked = m4(&s.points, x);
     let gap = gap_threshold(&s.points);
+    // gaps[k]: how many pauses longer than `gap` come before reading k, so a
+    // pause between two drawn readings breaks the line even when the readings
+    // between them are not drawn.
+    let mut gaps = Vec::with_capacity(s.points.len());
+    let mut n = 0u32;
+    for (k, p) in s.points.iter().enumerate() {
+        if k > 0 && p.0 - s.points[k - 1].0 > gap {
+            n += 1;
+        }
+        gaps.push(n);
+    }
+    let mut runs: Vec<&[usize]> = Vec::new();
+    let mut start = 0;
+    for k in 1..=picked.len() {
+        if k == picked.len() || gaps[picked[k]] != gaps[picked[k - 1]] {
+            runs.push(&picked[start..k]);
+            start = k;
+        }
+    }
     let mut d = String::with_capacity(picked.len() * 12);
-    let mut prev_t = f64::NEG_INFINITY;
-    for (k, &i) in picked.iter().enumerate() {
+    let point = |d: &mut String, i: usize| {
         let (t, v) = s.points[i];
-        // After a move, further pairs are implicit line-tos.
-        d.push(if k == 0 || t - prev_t > gap { 'M' } else { ' ' });
-        super::svg::coord(&mut d, x.px(t));
+        super::svg::coord(d, x.px(t));
         d.push(' ');
-        super::svg::coord(&mut d, y.px(v / div));
-        prev_t = t;
+        super::svg::coord(d, y.px(v / div));
+    };
+    for run in runs {
+        d.push('M');
+        point(&mut d, run[0]);
+        if run.len() == 1 {
+            // A zero-length segment: the round cap draws a dot.
+            d.push_str("h0");
+            continue;
+        }
+        // After the first line-to, further pairs are implicit line-tos.
+        d.push('L');
+        for (k, &i) in run[1..].iter().enumerate() {
+            if k > 0 {
+                d.push(' ');
+            }
+            point(&mut d, i);
+        }
     }
     if !d.is_empty() {
         let _ = write!(
@@ -414,7 +446,11 @@ fn plot(out: &mut String, run: &Run, s: &Series, x: &Scale, alarms: &[(&Ev, bool
         "{} reading{} by {}",
         s.points.len(),
         if s.points.len() == 1 { "" } else { "s" },
-        s.sources.join(", ")
+        s.sources
+            .iter()
+            .map(|src| truncate(src, 60))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     if data_lo.is_finite() {
         let last = s.points.last().map_or(f64::NAN, |p| p.1);
@@ -614,6 +650,39 @@ mod tests {
         points.push((100.0, 0.0));
         assert_eq!(gap_threshold(&points), 5.0);
         assert_eq!(gap_threshold(&points[..2]), f64::INFINITY);
+    }
+
+    #[test]
+    fn a_pause_in_the_readings_breaks_the_line_and_a_lone_reading_is_a_dot() {
+        use crate::report::tests::entry;
+        let mut entries = vec![entry(
+            0,
+            serde_json::json!({"type": "run", "header": {"run_id": "g"}}),
+        )];
+        let times: Vec<f64> = (0..=10)
+            .map(f64::from)
+            .chain((100..=110).map(f64::from))
+            .chain([500.0])
+            .collect();
+        for (i, t) in times.iter().enumerate() {
+            entries.push(entry(
+                i as u64 + 1,
+                serde_json::json!({"type": "sample", "seq": i + 1, "t_s": t, "device": "d", "source": "m",
+                    "values": [["x", {"value": t.sin(), "dimension": "unitless"}]]}),
+            ));
+        }
+        let run = crate::report::read_run(&entries);
+        let mut out = String::new();
+        section(&mut out, &run);
+        let d = out
+            .split("class=\"line\" d=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        assert_eq!(d.matches('M').count(), 3, "{d}");
+        assert!(d.ends_with("h0"), "{d}");
     }
 
     #[test]
