@@ -91,6 +91,9 @@ enum Command {
         /// Seed of the simulated lab's noise.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Who runs it, for the journal (default: the login name, $USER).
+        #[arg(long)]
+        operator: Option<String>,
         /// Log format on stderr (RUST_LOG selects what is logged).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -202,6 +205,7 @@ fn main() -> ExitCode {
             binds,
             speed,
             seed,
+            operator,
             log_format,
         } => run::cmd_run(
             &file,
@@ -210,6 +214,9 @@ fn main() -> ExitCode {
             &pairs(&binds),
             speed,
             seed,
+            operator
+                .or_else(|| std::env::var("USER").ok())
+                .filter(|o| !o.trim().is_empty()),
             log_format == LogFormat::Json,
         ),
         Command::Resume {

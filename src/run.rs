@@ -148,6 +148,7 @@ pub fn cmd_run(
     binds: &[(String, String)],
     speed: f64,
     seed: u64,
+    operator: Option<String>,
     json_logs: bool,
 ) -> Result<ExitCode, String> {
     if !(speed.is_finite() && speed > 0.0) {
@@ -185,16 +186,19 @@ pub fn cmd_run(
         binds,
         speed,
         seed,
-        Begin::New,
+        Begin::New { operator },
     )
 }
 
 /// A run from its start, or one taken up again from its journal.
 enum Begin {
-    New,
+    New {
+        operator: Option<String>,
+    },
     Resume {
         run_id: String,
         events: Vec<(u64, serde_json::Value)>,
+        operator: Option<String>,
     },
 }
 
@@ -265,7 +269,7 @@ fn execute(
             .map(|p| (p.name.clone(), serde_json::Value::String(p.value.clone())))
             .collect();
         let run_id = match &begin {
-            Begin::New => new_run_id(),
+            Begin::New { .. } => new_run_id(),
             Begin::Resume { run_id, .. } => run_id.clone(),
         };
         let info = RunInfo::new(
@@ -274,10 +278,12 @@ fn execute(
             protocol.version.as_deref(),
             &text,
             serde_json::Value::Object(params_json),
-            None,
+            match &begin {
+                Begin::New { operator } | Begin::Resume { operator, .. } => operator.as_deref(),
+            },
         );
         let resumption = match &begin {
-            Begin::New => None,
+            Begin::New { .. } => None,
             Begin::Resume { events, .. } => Some(
                 biofoundry::runtime::recovery::recover(
                     events,
@@ -298,7 +304,7 @@ fn execute(
         // With a lab file the run is journaled (first: before anything reports it).
         if let Some(l) = &lab_file {
             let journal = match &begin {
-                Begin::New => {
+                Begin::New { .. } => {
                     biofoundry::journal::begin_run(l, &info, &text, &setup, "operator (CLI)")
                 }
                 Begin::Resume { .. } => biofoundry::journal::Journal::open(
@@ -349,7 +355,7 @@ fn execute(
             );
         }
         let source = match &begin {
-            Begin::New => "operator",
+            Begin::New { .. } => "operator",
             Begin::Resume { .. } => "operator (resume)",
         };
         handle
@@ -427,6 +433,7 @@ pub fn cmd_resume(
         Begin::Resume {
             run_id: run_id.to_string(),
             events: recorded.events,
+            operator: recorded.operator,
         },
     )
 }

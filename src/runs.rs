@@ -154,12 +154,16 @@ fn describe(e: &Entry) -> String {
         let h = &v["header"];
         let hs = |k: &str| h[k].as_str().unwrap_or("").to_string();
         return format!(
-            "run {} of \"{}\" {} (sha256 {}), started by {}, controller {}",
+            "run {} of \"{}\" {} (sha256 {}), started by {}{}, controller {}",
             hs("run_id"),
             hs("protocol"),
             hs("version"),
             hs("sha256").chars().take(12).collect::<String>(),
             hs("source"),
+            h["operator"]
+                .as_str()
+                .map(|o| format!(", operator {o}"))
+                .unwrap_or_default(),
             hs("controller_version"),
         );
     }

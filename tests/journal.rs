@@ -39,7 +39,16 @@ fn a_run_is_journaled_listed_exported_and_verified_and_tampering_shows() {
         "/protocols/media_conditioning.toml"
     );
     let run = biofoundry(
-        &["run", protocol, "--lab", "lab.toml", "--speed", "200"],
+        &[
+            "run",
+            protocol,
+            "--lab",
+            "lab.toml",
+            "--speed",
+            "200",
+            "--operator",
+            "ada",
+        ],
         dir.path(),
     );
     assert!(run.status.success(), "{}", text(&run));
@@ -53,7 +62,10 @@ fn a_run_is_journaled_listed_exported_and_verified_and_tampering_shows() {
     let show = biofoundry(&["runs", "show", &run_id, "--lab", "lab.toml"], dir.path());
     let timeline = text(&show);
     assert!(timeline.contains("\"Medium conditioning\""), "{timeline}");
-    assert!(timeline.contains("started by operator (CLI)"), "{timeline}");
+    assert!(
+        timeline.contains("started by operator (CLI), operator ada"),
+        "{timeline}"
+    );
     assert!(
         timeline.contains("command start from operator"),
         "{timeline}"
