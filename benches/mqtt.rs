@@ -501,7 +501,7 @@ impl Controller {
             }
             polls += 1;
             // The table every 2 ms: it costs a read transaction.
-            if polls % 2 == 0 && rows() == 0 {
+            if polls.is_multiple_of(2) && rows() == 0 {
                 let empty = Instant::now();
                 // The link decrements the counter just after its delete
                 // commits: only a count that stays is a drift.

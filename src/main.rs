@@ -212,8 +212,7 @@ fn main() -> ExitCode {
             lab.as_deref(),
             &params,
             &pairs(&binds),
-            speed,
-            seed,
+            run::SimSettings { speed, seed },
             operator
                 .or_else(|| std::env::var("USER").ok())
                 .filter(|o| !o.trim().is_empty()),

@@ -141,13 +141,18 @@ fn print_simulation(sim: &Simulation) {
     }
 }
 
+/// How the simulated lab runs (`--speed`, `--seed`).
+pub struct SimSettings {
+    pub speed: f64,
+    pub seed: u64,
+}
+
 pub fn cmd_run(
     file: &Path,
     lab_file: Option<&Path>,
     params: &[ParamOverride],
     binds: &[(String, String)],
-    speed: f64,
-    seed: u64,
+    SimSettings { speed, seed }: SimSettings,
     operator: Option<String>,
     json_logs: bool,
 ) -> Result<ExitCode, String> {

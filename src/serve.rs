@@ -543,12 +543,11 @@ impl Workcell {
             .active
             .as_ref()
             .is_some_and(|a| a.handle.state().is_final())
+            && let Some(mut ended) = self.active.take()
         {
-            if let Some(mut ended) = self.active.take() {
-                let report = tokio::time::timeout(Duration::from_secs(10), &mut ended.task).await;
-                self.active = Some(ended);
-                self.finished(report.ok().and_then(Result::ok));
-            }
+            let report = tokio::time::timeout(Duration::from_secs(10), &mut ended.task).await;
+            self.active = Some(ended);
+            self.finished(report.ok().and_then(Result::ok));
         }
         if let Some(active) = &self.active {
             let reason = format!(

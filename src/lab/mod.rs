@@ -691,17 +691,17 @@ fn check_mqtt(doc: &LabDoc, base: &Path, out: &mut Vec<Diagnostic>) {
         ("ca_file", &m.ca_file),
         ("command_key_file", &m.command_key_file),
     ] {
-        if let Some(f) = file {
-            if !base.join(f).is_file() {
-                out.push(
-                    Diagnostic::error(
-                        "missing-file",
-                        at,
-                        format!("[mqtt] {key} `{f}` does not exist"),
-                    )
-                    .with_hint("paths are relative to the lab file's folder"),
-                );
-            }
+        if let Some(f) = file
+            && !base.join(f).is_file()
+        {
+            out.push(
+                Diagnostic::error(
+                    "missing-file",
+                    at,
+                    format!("[mqtt] {key} `{f}` does not exist"),
+                )
+                .with_hint("paths are relative to the lab file's folder"),
+            );
         }
     }
 }
