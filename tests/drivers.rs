@@ -295,6 +295,19 @@ async fn exercise(b: &Bench, id: &str) {
             q.value
         );
     }
+    // What the profile's interlocks require, made so by its own actions.
+    for interlock in &p.interlocks {
+        for (state, value) in &interlock.requires {
+            if let Some((action, _)) = p
+                .doc
+                .actions
+                .iter()
+                .find(|(_, a)| a.get_ref().sets.get(state) == Some(value))
+            {
+                ok(&format!("{id}: {action}"), dev.command(action)).await;
+            }
+        }
+    }
     for setpoint in p.doc.setpoints.keys() {
         let v = inside(&p, setpoint);
         let d = dimension(&p, setpoint);
@@ -380,6 +393,26 @@ transport = "serial://{dir}/liconic"
     .await;
     exercise(&b, "inc1").await;
     load_and_unload(&b, "inc1").await;
+    // The door interlock: no plate moves while the door is open.
+    let DeviceHandle::Incubator(inc) = b.instrument("inc1") else {
+        panic!("inc1 is an incubator");
+    };
+    ok("load plate-d", inc.load("plate-d", 4)).await;
+    ok("open the door", inc.command("open_door")).await;
+    for (what, r) in [
+        (
+            "load with the door open",
+            refused_before_sending(b.faults("inc1"), "load", inc.load("plate-e", 5)).await,
+        ),
+        (
+            "unload with the door open",
+            refused_before_sending(b.faults("inc1"), "unload", inc.unload("plate-d")).await,
+        ),
+    ] {
+        assert!(r.contains("door is `open`, needs `closed`"), "{what}: {r}");
+    }
+    ok("close the door", inc.command("close_door")).await;
+    ok("unload with the door closed", inc.unload("plate-d")).await;
     b.finish().await;
 }
 
@@ -428,22 +461,37 @@ transport = "serial://{dir}/heatershaker"
     )
     .await;
     tokio::join!(exercise(&b, "tm1"), exercise(&b, "hs1"));
-    // The heater-shaker's latch interlock is the instrument's: shaking with
-    // the latch open is its error reply, a fault.
+    // The profile's interlock: no shaking unless the controller closed the
+    // latch; refused before anything is sent. Stopping is always allowed.
     let hs = b.handle("hs1").device();
     ok("open the latch", hs.command("open_latch")).await;
-    let e = call(
+    let reason = refused_before_sending(
+        b.faults("hs1"),
         "shake with the latch open",
         hs.set("speed", Quantity::new(500.0, Dimension::Speed)),
     )
     .await;
-    match e {
-        Err(DeviceError::Fault { reason, .. }) => {
-            assert!(reason.contains("plate lock not closed"), "{reason}")
-        }
-        other => panic!("expected the instrument's error, got {other:?}"),
-    }
+    assert!(
+        reason.contains("interlock `latch_closed_to_shake`") && reason.contains("latch is `open`"),
+        "{reason}"
+    );
+    ok("stopping with the latch open", hs.command("stop_shaking")).await;
     ok("close the latch", hs.command("close_latch")).await;
+    ok(
+        "shake with the latch closed",
+        hs.set("speed", Quantity::new(500.0, Dimension::Speed)),
+    )
+    .await;
+    // A reconnect forgets the latch: it must be closed again.
+    ok("reconnect", hs.connect()).await;
+    let reason = refused_before_sending(
+        b.faults("hs1"),
+        "shake after a reconnect",
+        hs.set("speed", Quantity::new(500.0, Dimension::Speed)),
+    )
+    .await;
+    assert!(reason.contains("latch is `unknown`"), "{reason}");
+    ok("stop", hs.command("stop_shaking")).await;
     b.finish().await;
 }
 

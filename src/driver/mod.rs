@@ -89,6 +89,9 @@ struct DriverState {
     stored: BTreeMap<u32, String>,
     /// Liquid handlers: the deck as the driver knows it.
     deck: LiquidHandlerModel,
+    /// The profile's states (`latch`, `door`) as the controller's own actions
+    /// left them; back to their initial values on every connect.
+    states: BTreeMap<String, String>,
 }
 
 /// One instrument driven through its profile.
@@ -129,12 +132,16 @@ impl ProfileDevice {
         for (k, v) in overrides {
             settings.insert(k.clone(), *v);
         }
+        let states = profile.initial_states();
         ProfileDevice {
             id: id.into(),
             profile,
             settings,
             link,
-            state: Mutex::new(DriverState::default()),
+            state: Mutex::new(DriverState {
+                states,
+                ..DriverState::default()
+            }),
         }
     }
 
@@ -442,7 +449,13 @@ impl ProfileDevice {
         }
     }
 
-    /// Writes a setpoint given in canonical units, after the limit check.
+    /// A profile's states as they are when the instrument connects.
+    pub fn states(&self) -> BTreeMap<String, String> {
+        self.state().states.clone()
+    }
+
+    /// Writes a setpoint given in canonical units, after the limit and
+    /// interlock checks.
     async fn write_setpoint(&self, name: &str, canonical: f64) -> DeviceResult<()> {
         let Some(sp) = self.profile.doc.setpoints.get(name) else {
             return Err(self.refused(format!(
@@ -457,6 +470,13 @@ impl ProfileDevice {
                 "{name} {} is outside the instrument's limits {l}",
                 Quantity::new(canonical, l.dimension)
             )));
+        }
+        let states = self.states();
+        if let Some(refusal) = self
+            .profile
+            .setpoint_refusal(name, canonical, &|s| states.get(s).cloned())
+        {
+            return Err(self.refused(refusal));
         }
         let sp = sp.get_ref();
         let value = self.profile.to_device(name, canonical);
@@ -507,7 +527,19 @@ impl ProfileDevice {
                 self.profile.doc.profile.name
             )));
         };
-        self.run_steps(&action.get_ref().steps, params, 1).await
+        let states = self.states();
+        if let Some(refusal) = self
+            .profile
+            .action_refusal(name, &|s| states.get(s).cloned())
+        {
+            return Err(self.refused(refusal));
+        }
+        self.run_steps(&action.get_ref().steps, params, 1).await?;
+        let sets = self.profile.action_sets(name);
+        if !sets.is_empty() {
+            self.state().states.extend(sets);
+        }
+        Ok(())
     }
 
     pub fn has_action(&self, name: &str) -> bool {
@@ -746,6 +778,8 @@ impl Device for ProfileDevice {
     }
 
     async fn connect(&self) -> DeviceResult<()> {
+        // After a reconnect the controller no longer knows the latch or door.
+        self.state().states = self.profile.initial_states();
         if let Link::Serial { line, .. } = &self.link {
             line.lock().await.open().map_err(|e| self.link_error(e))?;
         }

@@ -5,6 +5,7 @@
 //! hint). docs/lab-file.md describes every key.
 
 mod build;
+mod interlocks;
 mod sim;
 
 pub use build::{LabRuntime, SimBacking, connect_lab};
@@ -838,6 +839,10 @@ pub fn check_with_lab(
     };
     let mut report = check_source(source, params, &limits);
     report.diagnostics.extend(problems);
+    if let (Some(protocol), Some(plan)) = (&report.protocol, &report.plan) {
+        let broken = interlocks::check(protocol, plan, lab, &limits.bindings);
+        report.diagnostics.extend(broken);
+    }
     report
         .diagnostics
         .sort_by_key(|d| (d.span.start, d.severity));

@@ -35,6 +35,112 @@ pub struct Profile {
     pub limits: IndexMap<String, Limits>,
     /// Per signal or setpoint: canonical value = device value × factor.
     pub unit_factors: IndexMap<String, f64>,
+    /// The interlocks, with `above` in canonical units.
+    pub interlocks: Vec<Interlock>,
+}
+
+/// What an interlock guards.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Guarded {
+    /// Writes of a setpoint above a value (canonical units; `None`: every write).
+    Setpoint {
+        name: String,
+        above: Option<f64>,
+    },
+    Action(String),
+}
+
+/// A checked interlock of a profile.
+#[derive(Debug, Clone)]
+pub struct Interlock {
+    pub id: String,
+    pub guarded: Guarded,
+    /// state → required value.
+    pub requires: Vec<(String, String)>,
+    pub message: String,
+}
+
+impl Interlock {
+    /// Whether writing `setpoint` = `canonical` is guarded by this interlock.
+    pub fn guards_setpoint(&self, setpoint: &str, canonical: f64) -> bool {
+        matches!(&self.guarded, Guarded::Setpoint { name, above }
+            if name == setpoint && above.is_none_or(|a| canonical > a))
+    }
+
+    pub fn guards_action(&self, action: &str) -> bool {
+        matches!(&self.guarded, Guarded::Action(a) if a == action)
+    }
+
+    /// Why `states` do not allow it, if they do not.
+    pub fn refusal(&self, states: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        let wrong: Vec<String> = self
+            .requires
+            .iter()
+            .filter_map(|(state, value)| {
+                let now = states(state).unwrap_or_else(|| "unknown".into());
+                (now != *value).then(|| format!("{state} is `{now}`, needs `{value}`"))
+            })
+            .collect();
+        (!wrong.is_empty()).then(|| {
+            format!(
+                "interlock `{}`: {} ({})",
+                self.id,
+                self.message,
+                wrong.join(", ")
+            )
+        })
+    }
+}
+
+impl Profile {
+    /// The states an instrument has when it connects.
+    pub fn initial_states(&self) -> std::collections::BTreeMap<String, String> {
+        self.doc
+            .states
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+            .collect()
+    }
+
+    /// The first interlock that refuses writing `setpoint` = `canonical`.
+    pub fn setpoint_refusal(
+        &self,
+        setpoint: &str,
+        canonical: f64,
+        states: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        self.interlocks
+            .iter()
+            .filter(|i| i.guards_setpoint(setpoint, canonical))
+            .find_map(|i| i.refusal(states))
+    }
+
+    /// The first interlock that refuses running `action`.
+    pub fn action_refusal(
+        &self,
+        action: &str,
+        states: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        self.interlocks
+            .iter()
+            .filter(|i| i.guards_action(action))
+            .find_map(|i| i.refusal(states))
+    }
+
+    /// The states `action` sets when it succeeds.
+    pub fn action_sets(&self, action: &str) -> Vec<(String, String)> {
+        self.doc
+            .actions
+            .get(action)
+            .map(|a| {
+                a.get_ref()
+                    .sets
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 impl Profile {
@@ -540,6 +646,7 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
         }
     }
 
+    let interlocks = check_interlocks(&doc, kind, &mut out);
     let id = file
         .path
         .file_stem()
@@ -552,8 +659,146 @@ pub fn parse(file: SourceFile) -> (Option<Profile>, Vec<Diagnostic>) {
         doc,
         limits,
         unit_factors,
+        interlocks,
     };
     (Some(profile), out)
+}
+
+/// States, the actions that set them, and interlocks: every name must exist.
+fn check_interlocks(
+    doc: &ProfileDoc,
+    kind: DeviceKind,
+    out: &mut Vec<Diagnostic>,
+) -> Vec<Interlock> {
+    let unknown_state = |name: &str, at: Span| {
+        Diagnostic::error(
+            "unknown-state",
+            at,
+            format!("no state `{name}` in [states]"),
+        )
+        .with_optional_hint(did_you_mean(name, doc.states.keys().map(String::as_str)))
+    };
+    for (name, action) in &doc.actions {
+        for state in action.get_ref().sets.keys() {
+            if !doc.states.contains_key(state) {
+                out.push(unknown_state(state, span(action.span())).with_hint(format!(
+                    "declare it, e.g. [states] {state} = \"unknown\" (action `{name}` sets it)"
+                )));
+            }
+        }
+    }
+    let mut interlocks = Vec::new();
+    for def in &doc.interlocks {
+        let at = span(def.span());
+        let d = def.get_ref();
+        let guarded = match (&d.setpoint, &d.action) {
+            (Some(sp), None) => {
+                let name = sp.get_ref();
+                if !doc.setpoints.contains_key(name) {
+                    out.push(Diagnostic::error(
+                        "unknown-setpoint",
+                        span(sp.span()),
+                        format!("interlock `{}` guards `{name}`, which is not a setpoint of this profile", d.id),
+                    ).with_optional_hint(did_you_mean(name, doc.setpoints.keys().map(String::as_str))));
+                    continue;
+                }
+                let above = match &d.above {
+                    None => None,
+                    Some(text) => {
+                        let dimension = kind
+                            .spec()
+                            .setpoint(name)
+                            .map_or(crate::units::Dimension::Unitless, |c| c.dimension);
+                        match crate::units::parse_quantity(text.get_ref(), dimension) {
+                            Ok(q) => Some(q.value),
+                            Err(e) => {
+                                out.push(
+                                    Diagnostic::error(
+                                        "bad-interlock",
+                                        span(text.span()),
+                                        e.to_string(),
+                                    )
+                                    .with_hint(e.hint()),
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                };
+                Guarded::Setpoint {
+                    name: name.clone(),
+                    above,
+                }
+            }
+            (None, Some(action)) => {
+                let name = action.get_ref();
+                if !doc.actions.contains_key(name) {
+                    out.push(Diagnostic::error(
+                        "unknown-action",
+                        span(action.span()),
+                        format!("interlock `{}` guards `{name}`, which is not an action of this profile", d.id),
+                    ).with_optional_hint(did_you_mean(name, doc.actions.keys().map(String::as_str))));
+                    continue;
+                }
+                if d.above.is_some() {
+                    out.push(Diagnostic::error(
+                        "bad-interlock",
+                        at,
+                        format!(
+                            "interlock `{}`: `above` applies to a setpoint, not an action",
+                            d.id
+                        ),
+                    ));
+                }
+                Guarded::Action(name.clone())
+            }
+            _ => {
+                out.push(
+                    Diagnostic::error(
+                        "bad-interlock",
+                        at,
+                        format!(
+                            "interlock `{}` needs exactly one of `setpoint` or `action`",
+                            d.id
+                        ),
+                    )
+                    .with_hint("setpoint = \"speed\", above = \"0 rpm\"; or action = \"load\""),
+                );
+                continue;
+            }
+        };
+        if d.requires.is_empty() {
+            out.push(
+                Diagnostic::error(
+                    "bad-interlock",
+                    at,
+                    format!("interlock `{}` requires nothing", d.id),
+                )
+                .with_hint("requires = { latch = \"closed\" }"),
+            );
+            continue;
+        }
+        let mut ok = true;
+        for state in d.requires.keys() {
+            if !doc.states.contains_key(state) {
+                out.push(unknown_state(state, at));
+                ok = false;
+            }
+        }
+        if ok {
+            interlocks.push(Interlock {
+                id: d.id.clone(),
+                guarded,
+                requires: d
+                    .requires
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                message: d.message.clone(),
+            });
+        }
+    }
+    interlocks
 }
 
 /// A step's reference to a setpoint or action of the profile, which must exist.
@@ -831,6 +1076,69 @@ steps = [{ send = "M18" }]
         assert_eq!(p.id, "temp");
         assert_eq!(p.kind, DeviceKind::TemperatureModule);
         assert_eq!(p.limits["temperature"].max, 95.0);
+    }
+
+    #[test]
+    fn interlocks_are_checked_and_decide() {
+        let with = |tail: &str| {
+            format!(
+                "{TEMP_MODULE}[actions.lid]\nsteps = [{{ send = \"M1\" }}]\nsets = {{ lid = \"closed\" }}\n{tail}"
+            )
+        };
+        let good = with(
+            "[states]\nlid = \"unknown\"\n[[interlocks]]\nid = \"hot\"\nsetpoint = \"temperature\"\nabove = \"40 C\"\nrequires = { lid = \"closed\" }\nmessage = \"close the lid\"\n",
+        );
+        let (p, d) = parse(SourceFile::new("t.toml", good.as_str()));
+        assert!(d.is_empty(), "{d:?}");
+        let p = p.unwrap();
+        let unknown = |_: &str| None;
+        let closed = |_: &str| Some("closed".to_string());
+        assert_eq!(p.setpoint_refusal("temperature", 37.0, &unknown), None);
+        let r = p.setpoint_refusal("temperature", 60.0, &unknown).unwrap();
+        assert_eq!(
+            r,
+            "interlock `hot`: close the lid (lid is `unknown`, needs `closed`)"
+        );
+        assert_eq!(p.setpoint_refusal("temperature", 60.0, &closed), None);
+        assert_eq!(
+            p.action_sets("lid"),
+            [("lid".to_string(), "closed".to_string())]
+        );
+
+        let codes = |tail: &str| -> Vec<String> {
+            check(&with(tail)).into_iter().map(|(c, _)| c).collect()
+        };
+        let states = "[states]\nlid = \"unknown\"\n";
+        let il =
+            |body: &str| format!("{states}[[interlocks]]\nid = \"x\"\nmessage = \"m\"\n{body}\n");
+        assert_eq!(
+            codes(&il("setpoint = \"temp\"\nrequires = { lid = \"closed\" }")),
+            ["unknown-setpoint"]
+        );
+        assert_eq!(
+            codes(&il("action = \"lids\"\nrequires = { lid = \"closed\" }")),
+            ["unknown-action"]
+        );
+        assert_eq!(
+            codes(&il("requires = { lid = \"closed\" }")),
+            ["bad-interlock"]
+        );
+        assert_eq!(
+            codes(&il(
+                "setpoint = \"temperature\"\nabove = \"40 rpm\"\nrequires = { lid = \"closed\" }"
+            )),
+            ["bad-interlock"]
+        );
+        assert_eq!(
+            codes(&il("action = \"lid\"\nrequires = {}")),
+            ["bad-interlock"]
+        );
+        assert_eq!(
+            codes(&il("action = \"lid\"\nrequires = { door = \"closed\" }")),
+            ["unknown-state"]
+        );
+        // An action setting a state nobody declared.
+        assert_eq!(codes(""), ["unknown-state"]);
     }
 
     #[test]

@@ -41,6 +41,32 @@ pub struct ProfileDoc {
     /// Liquid handlers: where each deck slot is.
     pub deck: Option<Spanned<DeckDef>>,
     pub simulation: Option<Spanned<SimulationDef>>,
+    /// Named conditions of the instrument the controller tracks (e.g. `latch`,
+    /// `door`), with the value each has when the instrument connects.
+    #[serde(default)]
+    pub states: IndexMap<String, Spanned<String>>,
+    /// Conditions that must hold before a setpoint is written or an action
+    /// runs; enforced by the driver, `check --lab` and MQTT setpoint commands.
+    #[serde(default)]
+    pub interlocks: Vec<Spanned<InterlockDef>>,
+}
+
+/// "No `setpoint` above `above` (or no `action`) unless every state in
+/// `requires` has its value."
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterlockDef {
+    pub id: String,
+    /// Guards writes of this setpoint ...
+    pub setpoint: Option<Spanned<String>>,
+    /// ... above this value (e.g. `"0 rpm"`; without it, every write).
+    pub above: Option<Spanned<String>>,
+    /// Or guards this action.
+    pub action: Option<Spanned<String>>,
+    /// state → the value it must have.
+    pub requires: IndexMap<String, String>,
+    /// What the operator is told.
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -299,6 +325,9 @@ pub struct ActionDef {
     #[serde(default)]
     pub params: Vec<String>,
     pub steps: Vec<Spanned<StepDef>>,
+    /// States this action changes when it succeeds, e.g. `{ latch = "closed" }`.
+    #[serde(default)]
+    pub sets: IndexMap<String, String>,
 }
 
 /// One step of a sequence. Exactly one of the verbs (`send`, `poll`, `write`,
