@@ -30,6 +30,8 @@ use tokio::task::JoinHandle;
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a run may take to reach a safe state when the controller stops.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a setpoint write from MES may take (the driver has its own reply timeouts).
+const SETPOINT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -515,6 +517,11 @@ impl Workcell {
                 ),
                 Err(e) => self.answer(id, CmdStatus::Failed, Some(&e.to_string()), None),
             },
+            CommandArgs::SetSetpoint {
+                device,
+                setpoint,
+                value,
+            } => self.set_setpoint(id, &device, &setpoint, &value).await,
             CommandArgs::None if command.verb == Verb::Republish => {
                 self.answer(id, CmdStatus::Accepted, None, None);
                 self.answer(id, CmdStatus::Done, None, None);
@@ -695,6 +702,72 @@ impl Workcell {
             handle,
             task,
         });
+    }
+
+    /// `set_setpoint` from MES: outside runs only (a run's protocol owns its
+    /// devices' setpoints). The driver checks the profile's limits and
+    /// interlocks before anything is sent; a refusal is `rejected` with its
+    /// reason, a device that fails is `failed`.
+    async fn set_setpoint(&mut self, id: &str, device: &str, setpoint: &str, value: &str) {
+        if let Some(active) = self
+            .active
+            .as_ref()
+            .filter(|a| !a.handle.state().is_final())
+        {
+            let reason = format!(
+                "run {} is active; setpoints are its protocol's until it ends",
+                active.run_id
+            );
+            self.answer(id, CmdStatus::Rejected, Some(&reason), Some(&active.run_id));
+            return;
+        }
+        let Some(handle) = self.devices.get(device).cloned() else {
+            let known: Vec<&str> = self.devices.devices.keys().map(String::as_str).collect();
+            let reason = format!("no device `{device}`; this lab has: {}", known.join(", "));
+            self.answer(id, CmdStatus::Rejected, Some(&reason), None);
+            return;
+        };
+        let Some(spec) = handle.kind().spec().setpoint(setpoint) else {
+            let reason = format!("{device} ({}) has no setpoint `{setpoint}`", handle.kind());
+            self.answer(id, CmdStatus::Rejected, Some(&reason), None);
+            return;
+        };
+        let quantity = match value.parse::<f64>() {
+            Ok(n) if n.is_finite() => Quantity::new(n, spec.dimension),
+            _ => match crate::units::parse_quantity(value, spec.dimension) {
+                Ok(q) => q,
+                Err(e) => {
+                    self.answer(
+                        id,
+                        CmdStatus::Rejected,
+                        Some(&format!("`value`: {e}")),
+                        None,
+                    );
+                    return;
+                }
+            },
+        };
+        let result =
+            tokio::time::timeout(SETPOINT_TIMEOUT, handle.device().set(setpoint, quantity)).await;
+        match result {
+            Ok(Ok(())) => {
+                self.answer(id, CmdStatus::Accepted, None, None);
+                let done = format!("{device}.{setpoint} = {quantity}");
+                self.answer(id, CmdStatus::Done, Some(&done), None);
+            }
+            Ok(Err(crate::device::DeviceError::Refused { reason, .. })) => {
+                self.answer(id, CmdStatus::Rejected, Some(&reason), None);
+            }
+            Ok(Err(e)) => {
+                self.answer(id, CmdStatus::Accepted, None, None);
+                self.answer(id, CmdStatus::Failed, Some(&e.to_string()), None);
+            }
+            Err(_) => {
+                self.answer(id, CmdStatus::Accepted, None, None);
+                let reason = format!("{device} did not answer within {SETPOINT_TIMEOUT:?}");
+                self.answer(id, CmdStatus::Failed, Some(&reason), None);
+            }
+        }
     }
 
     /// At start-up: the newest run the journal holds unfinished (the

@@ -57,8 +57,8 @@ struct Workcell {
 }
 
 impl Workcell {
-    /// A simulated workcell (a bioreactor of sim:// parts and a temperature
-    /// module) with MQTT at `port`; `extra` goes into the [mqtt] table.
+    /// A simulated workcell (a bioreactor of sim:// parts, a temperature
+    /// module and a heater-shaker) with MQTT at `port`; `extra` goes into the [mqtt] table.
     fn new(port: u16, extra: &str) -> Workcell {
         let dir = tempfile::tempdir().expect("temp dir");
         let lab = dir.path().join("lab.toml");
@@ -86,6 +86,10 @@ speed = 60
 [[device]]
 id = "tm1"
 profile = "opentrons-temperature-module"
+transport = "sim://"
+[[device]]
+id = "hs1"
+profile = "opentrons-heater-shaker"
 transport = "sim://"
 [[device]]
 id = "br1"
@@ -946,11 +950,11 @@ async fn retained_state_is_published_again_after_a_reconnect_and_the_will_says_l
         .as_array()
         .cloned()
         .unwrap_or_default();
-    assert_eq!(devices.len(), 2, "{description}");
+    assert_eq!(devices.len(), 3, "{description}");
     assert!(
         description["commands"]
             .as_array()
-            .is_some_and(|c| c.len() == 9)
+            .is_some_and(|c| c.len() == 10 && c.contains(&json!("set_setpoint")))
     );
     // SIGKILL: no `disconnected`; the broker publishes the will.
     blocking(|| cell.kill());
@@ -1135,5 +1139,52 @@ async fn a_killed_controller_resumes_its_run_at_start_up() {
         })
         .count();
     assert_eq!(warm_completed, 1, "the completed step ran once");
+    blocking(|| cell.terminate());
+}
+
+/// `set_setpoint` from MES goes through the same driver as a run: limits and
+/// the profile's interlocks refuse before anything is sent; no setpoint is
+/// written while a run is active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setpoint_commands_respect_limits_interlocks_and_runs() {
+    let broker = blocking(TestBroker::embedded);
+    let port = broker.port();
+    let (sub, mut cell) = signed_workcell(port, "bf/v1/#", "setpoint-observer").await;
+    let set = |cmd_id: &'static str, device: &'static str, setpoint: &'static str, value: Value| {
+        command(
+            port,
+            "set_setpoint",
+            json!({"cmd_id": cmd_id, "device": device, "setpoint": setpoint, "value": value}),
+        )
+    };
+    set("sp-latch", "hs1", "speed", json!("500 rpm")).await;
+    let r = wait_result(&sub, "sp-latch", "rejected").await;
+    let reason = r["reason"].as_str().unwrap_or_default().to_string();
+    assert!(
+        reason.contains("interlock `latch_closed_to_shake`")
+            && reason.contains("latch is `unknown`"),
+        "{r}"
+    );
+    set("sp-limit", "tm1", "temperature", json!("120 C")).await;
+    let r = wait_result(&sub, "sp-limit", "rejected").await;
+    assert!(
+        r["reason"].as_str().is_some_and(|m| m.contains("limits")),
+        "{r}"
+    );
+    set("sp-unknown", "tm9", "temperature", json!("20 C")).await;
+    wait_result(&sub, "sp-unknown", "rejected").await;
+    set("sp-ok", "tm1", "temperature", json!("37 C")).await;
+    let r = wait_result(&sub, "sp-ok", "done").await;
+    assert_eq!(r["reason"], "tm1.temperature = 37 C", "{r}");
+    assert_eq!(statuses(&sub.received(), "sp-latch"), ["rejected"]);
+
+    // While a run is active its protocol owns the setpoints.
+    let run_id = start_to_prompt(port, &sub, "sp-run", "1 min").await;
+    set("sp-busy", "tm1", "temperature", json!("30 C")).await;
+    let r = wait_result(&sub, "sp-busy", "rejected").await;
+    assert!(
+        r["reason"].as_str().is_some_and(|m| m.contains(&run_id)),
+        "{r}"
+    );
     blocking(|| cell.terminate());
 }

@@ -52,10 +52,11 @@ pub enum Verb {
     AnswerPrompt,
     AckAlarm,
     Republish,
+    SetSetpoint,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 9] = [
+    pub const ALL: [Verb; 10] = [
         Verb::StartRun,
         Verb::Pause,
         Verb::Resume,
@@ -65,6 +66,7 @@ impl Verb {
         Verb::AnswerPrompt,
         Verb::AckAlarm,
         Verb::Republish,
+        Verb::SetSetpoint,
     ];
 
     /// The topic level and wire name, e.g. `start_run`.
@@ -79,6 +81,7 @@ impl Verb {
             Verb::AnswerPrompt => "answer_prompt",
             Verb::AckAlarm => "ack_alarm",
             Verb::Republish => "republish",
+            Verb::SetSetpoint => "set_setpoint",
         }
     }
 
@@ -93,6 +96,7 @@ impl Verb {
             Verb::Abort => &["reason"],
             Verb::AnswerPrompt => &["run_id", "step_id", "response"],
             Verb::AckAlarm => &["alarm_id"],
+            Verb::SetSetpoint => &["device", "setpoint", "value"],
             Verb::Pause | Verb::Resume | Verb::Hold | Verb::Stop | Verb::Republish => &[],
         }
     }
@@ -135,6 +139,13 @@ pub enum CommandArgs {
     },
     AckAlarm {
         alarm_id: String,
+    },
+    /// A setpoint of a device outside runs; `value` as text with its unit
+    /// (`"37 C"`), or a number in the setpoint's canonical unit.
+    SetSetpoint {
+        device: String,
+        setpoint: String,
+        value: String,
     },
     /// pause, resume, hold, stop, republish.
     None,
@@ -496,6 +507,29 @@ fn read_body(
         Verb::AckAlarm => CommandArgs::AckAlarm {
             alarm_id: required_id(object, verb, "alarm_id")?,
         },
+        Verb::SetSetpoint => {
+            let device = required_id(object, verb, "device")?;
+            let setpoint = required_id(object, verb, "setpoint")?;
+            let value = match object.get("value") {
+                None => return Err(format!("{verb} needs `value` (e.g. \"37 C\")")),
+                Some(Value::String(s)) => {
+                    check_length("value", s, MAX_VALUE_CHARS)?;
+                    s.clone()
+                }
+                Some(Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => n.to_string(),
+                Some(other) => {
+                    return Err(format!(
+                        "`value` must be a string with a unit or a number, got {}",
+                        kind(other)
+                    ));
+                }
+            };
+            CommandArgs::SetSetpoint {
+                device,
+                setpoint,
+                value,
+            }
+        }
         Verb::Pause | Verb::Resume | Verb::Hold | Verb::Stop | Verb::Republish => CommandArgs::None,
     };
     Ok((expires_at, args))
@@ -599,6 +633,9 @@ fn required_id(object: &Map<String, Value>, verb: Verb, field: &str) -> Result<S
     check_id(field, s)?;
     Ok(s.to_string())
 }
+
+/// The longest setpoint value text (`"37.5 C"`).
+const MAX_VALUE_CHARS: usize = 64;
 
 fn check_length(field: &str, s: &str, max: usize) -> Result<(), String> {
     let chars = s.chars().count();
@@ -1011,12 +1048,58 @@ mod tests {
     }
 
     #[test]
+    fn set_setpoint_reads_a_device_a_setpoint_and_a_value() {
+        let c = ok(
+            "set_setpoint",
+            json!({"cmd_id": "s1", "device": "hs1", "setpoint": "speed", "value": "500 rpm"}),
+        );
+        assert_eq!(
+            c.args,
+            CommandArgs::SetSetpoint {
+                device: "hs1".into(),
+                setpoint: "speed".into(),
+                value: "500 rpm".into()
+            }
+        );
+        let c = ok(
+            "set_setpoint",
+            json!({"cmd_id": "s2", "device": "tm1", "setpoint": "temperature", "value": 37.5}),
+        );
+        assert!(matches!(c.args, CommandArgs::SetSetpoint { ref value, .. } if value == "37.5"));
+        for (payload, expected) in [
+            (
+                json!({"cmd_id": "s3", "setpoint": "speed", "value": "1"}),
+                "needs `device`",
+            ),
+            (
+                json!({"cmd_id": "s3", "device": "hs1", "setpoint": "speed"}),
+                "needs `value`",
+            ),
+            (
+                json!({"cmd_id": "s3", "device": "hs1", "setpoint": "speed", "value": true}),
+                "a string with a unit or a number",
+            ),
+            (
+                json!({"cmd_id": "s3", "device": "../x", "setpoint": "speed", "value": "1"}),
+                "device",
+            ),
+            (
+                json!({"cmd_id": "s3", "device": "hs1", "setpoint": "speed", "value": "1".repeat(65)}),
+                "too long",
+            ),
+        ] {
+            let r = reject("set_setpoint", &payload.to_string());
+            assert_has(&r.reason, expected);
+        }
+    }
+
+    #[test]
     fn unknown_verb_lists_verbs_and_keeps_cmd_id() {
         let r = reject("launch", "{\"cmd_id\":\"c9\"}");
         assert_eq!(
             r.reason,
             "unknown command verb `launch`; verbs: start_run, pause, resume, hold, abort, stop, \
-             answer_prompt, ack_alarm, republish"
+             answer_prompt, ack_alarm, republish, set_setpoint"
         );
         assert_eq!(r.cmd_id.as_deref(), Some("c9"));
         assert_eq!(reject("launch", "nope").cmd_id, None);
