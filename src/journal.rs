@@ -35,6 +35,8 @@ pub enum JournalError {
     },
     #[error("no run `{0}` in the journal")]
     UnknownRun(String),
+    #[error("run {0} is live in another controller process")]
+    Live(String),
     #[error("run {run_id}: the journal does not verify at entry {seq} ({reason})")]
     Broken {
         run_id: String,
@@ -215,12 +217,12 @@ impl Journal {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(JournalSink::new(
+        JournalSink::new(
             open_connection(&self.path)?,
             &self.path,
             &header.run_id,
             hash,
-        ))
+        )
     }
 
     /// Goes on with a run's chain (resuming it): the returned sink chains
@@ -236,12 +238,7 @@ impl Journal {
             .optional()
             .map_err(|e| self.err(e))?;
         let prev = last.ok_or_else(|| JournalError::UnknownRun(run_id.to_string()))?;
-        Ok(JournalSink::new(
-            open_connection(&self.path)?,
-            &self.path,
-            run_id,
-            prev,
-        ))
+        JournalSink::new(open_connection(&self.path)?, &self.path, run_id, prev)
     }
 
     /// The header a run started with (entry 0).
@@ -467,18 +464,25 @@ fn tail_file(journal: &Path, run_id: &str) -> PathBuf {
 }
 
 impl JournalSink {
-    fn new(conn: Connection, path: &Path, run_id: &str, prev: String) -> JournalSink {
-        JournalSink {
+    /// Takes the run's tail log; refused when another process has it (the
+    /// run is live there: two controllers must never drive one run).
+    fn new(
+        conn: Connection,
+        path: &Path,
+        run_id: &str,
+        prev: String,
+    ) -> Result<JournalSink, JournalError> {
+        Ok(JournalSink {
             conn,
             path: path.to_path_buf(),
             run_id: run_id.to_string(),
             prev,
             buffered: Vec::new(),
             tailed: 0,
-            tail: None,
+            tail: claim_tail(path, run_id)?,
             last_commit: std::time::Instant::now(),
             final_pending: false,
-        }
+        })
     }
 
     fn commit(&mut self) -> Result<(), rusqlite::Error> {
@@ -520,15 +524,7 @@ impl JournalSink {
     fn append_tail(&mut self) -> std::io::Result<()> {
         use std::io::Write;
         if self.tail.is_none() {
-            let path = tail_file(&self.path, &self.run_id);
-            std::fs::create_dir_all(tail_dir(&self.path))?;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?;
-            // Held while the run is live, so that no reader takes the tail.
-            file.lock()?;
-            self.tail = Some(Tail { file, path });
+            return Err(std::io::Error::other("no tail log"));
         }
         let mut text = String::new();
         for b in &self.buffered[self.tailed..] {
@@ -615,6 +611,34 @@ impl Drop for JournalSink {
                 tracing::error!(target: "journal", "{}: run {}: the last entries stay in the tail log", self.path.display(), self.run_id)
             }
             None => {}
+        }
+    }
+}
+
+/// Opens and locks a run's tail log, held while the run is live here. A tail
+/// that cannot be opened leaves the run on SQLite commits alone (logged).
+fn claim_tail(journal: &Path, run_id: &str) -> Result<Option<Tail>, JournalError> {
+    let path = tail_file(journal, run_id);
+    let open = || -> std::io::Result<std::fs::File> {
+        std::fs::create_dir_all(tail_dir(journal))?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+    };
+    let file = match open() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(target: "journal", "{}: {e}; committing every write-ahead point to SQLite", path.display());
+            return Ok(None);
+        }
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(Tail { file, path })),
+        Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Live(run_id.to_string())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(target: "journal", "{}: {e}; committing every write-ahead point to SQLite", path.display());
+            Ok(None)
         }
     }
 }
@@ -951,6 +975,8 @@ mod tests {
         let reader = Journal::open(&path).unwrap();
         assert_eq!(reader.entries("r5").unwrap().len(), 1);
         assert!(tail_file(&path, "r5").exists());
+        // A second controller cannot take the run up while it is live.
+        assert!(matches!(reader.resume("r5"), Err(JournalError::Live(_))));
         drop(sink);
         assert_eq!(reader.entries("r5").unwrap().len(), 2);
         assert!(!tail_file(&path, "r5").exists());
