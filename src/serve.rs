@@ -136,13 +136,43 @@ pub fn description(lab: &LabFile, signed: bool) -> Value {
                         .collect(),
                 ),
             };
-            Some(json!({
+            let interlocks: Vec<Value> = match device {
+                LabDevice::Instrument(i) => i
+                    .profile
+                    .interlocks
+                    .iter()
+                    .map(|il| {
+                        let guards = match &il.guarded {
+                            crate::profile::Guarded::Setpoint { name, above } => {
+                                json!({ "setpoint": name, "above": above })
+                            }
+                            crate::profile::Guarded::Action(a) => json!({ "action": a }),
+                        };
+                        json!({
+                            "id": il.id,
+                            "guards": guards,
+                            "requires": il
+                                .requires
+                                .iter()
+                                .map(|(k, v)| (k.clone(), json!(v)))
+                                .collect::<serde_json::Map<String, Value>>(),
+                            "message": il.message,
+                        })
+                    })
+                    .collect(),
+                LabDevice::Bioreactor { .. } => Vec::new(),
+            };
+            let mut d = json!({
                 "id": id,
                 "kind": kind.name(),
                 "profile": profile,
                 "signals": signals,
                 "setpoints": setpoints,
-            }))
+            });
+            if !interlocks.is_empty() {
+                d["interlocks"] = Value::Array(interlocks);
+            }
+            Some(d)
         })
         .collect();
     let c = &lab.doc.controller;

@@ -1177,6 +1177,22 @@ async fn setpoint_commands_respect_limits_interlocks_and_runs() {
     let r = wait_result(&sub, "sp-ok", "done").await;
     assert_eq!(r["reason"], "tm1.temperature = 37 C", "{r}");
     assert_eq!(statuses(&sub.received(), "sp-latch"), ["rejected"]);
+    // $description tells MES the interlocks.
+    let description = sub
+        .received()
+        .iter()
+        .rev()
+        .find(|m| m.topic == topic("$description"))
+        .and_then(|m| m.json())
+        .unwrap_or(Value::Null);
+    let hs = description["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["id"] == "hs1"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(hs["interlocks"][0]["id"], "latch_closed_to_shake", "{hs}");
+    assert_eq!(hs["interlocks"][0]["requires"]["latch"], "closed", "{hs}");
+    assert_eq!(hs["interlocks"][0]["guards"]["setpoint"], "speed", "{hs}");
 
     // While a run is active its protocol owns the setpoints.
     let run_id = start_to_prompt(port, &sub, "sp-run", "1 min").await;
