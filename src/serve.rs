@@ -473,6 +473,8 @@ impl Workcell {
             Verb::Hold => Some(RunCommand::Hold),
             Verb::Stop => Some(RunCommand::Stop),
             Verb::Abort => Some(RunCommand::Abort),
+            Verb::Retry => Some(RunCommand::Retry),
+            Verb::Skip => Some(RunCommand::Skip),
             _ => None,
         };
         if let Some(rc) = run_command {

@@ -954,7 +954,7 @@ async fn retained_state_is_published_again_after_a_reconnect_and_the_will_says_l
     assert!(
         description["commands"]
             .as_array()
-            .is_some_and(|c| c.len() == 10 && c.contains(&json!("set_setpoint")))
+            .is_some_and(|c| c.len() == 12 && c.contains(&json!("set_setpoint")))
     );
     // SIGKILL: no `disconnected`; the broker publishes the will.
     blocking(|| cell.kill());
@@ -1202,5 +1202,16 @@ async fn setpoint_commands_respect_limits_interlocks_and_runs() {
         r["reason"].as_str().is_some_and(|m| m.contains(&run_id)),
         "{r}"
     );
+    // `retry` and `skip` are for a run held for a failed step, not a running one.
+    command(port, "retry", json!({"cmd_id": "sp-retry"})).await;
+    let r = wait_result(&sub, "sp-retry", "rejected").await;
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot retry")),
+        "{r}"
+    );
+    command(port, "skip", json!({"cmd_id": "sp-skip"})).await;
+    wait_result(&sub, "sp-skip", "rejected").await;
     blocking(|| cell.terminate());
 }

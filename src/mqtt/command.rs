@@ -53,10 +53,12 @@ pub enum Verb {
     AckAlarm,
     Republish,
     SetSetpoint,
+    Retry,
+    Skip,
 }
 
 impl Verb {
-    pub const ALL: [Verb; 10] = [
+    pub const ALL: [Verb; 12] = [
         Verb::StartRun,
         Verb::Pause,
         Verb::Resume,
@@ -67,6 +69,8 @@ impl Verb {
         Verb::AckAlarm,
         Verb::Republish,
         Verb::SetSetpoint,
+        Verb::Retry,
+        Verb::Skip,
     ];
 
     /// The topic level and wire name, e.g. `start_run`.
@@ -82,6 +86,8 @@ impl Verb {
             Verb::AckAlarm => "ack_alarm",
             Verb::Republish => "republish",
             Verb::SetSetpoint => "set_setpoint",
+            Verb::Retry => "retry",
+            Verb::Skip => "skip",
         }
     }
 
@@ -97,7 +103,13 @@ impl Verb {
             Verb::AnswerPrompt => &["run_id", "step_id", "response"],
             Verb::AckAlarm => &["alarm_id"],
             Verb::SetSetpoint => &["device", "setpoint", "value"],
-            Verb::Pause | Verb::Resume | Verb::Hold | Verb::Stop | Verb::Republish => &[],
+            Verb::Pause
+            | Verb::Resume
+            | Verb::Hold
+            | Verb::Stop
+            | Verb::Republish
+            | Verb::Retry
+            | Verb::Skip => &[],
         }
     }
 }
@@ -147,7 +159,7 @@ pub enum CommandArgs {
         setpoint: String,
         value: String,
     },
-    /// pause, resume, hold, stop, republish.
+    /// pause, resume, hold, stop, republish, retry, skip.
     None,
 }
 
@@ -530,7 +542,13 @@ fn read_body(
                 value,
             }
         }
-        Verb::Pause | Verb::Resume | Verb::Hold | Verb::Stop | Verb::Republish => CommandArgs::None,
+        Verb::Pause
+        | Verb::Resume
+        | Verb::Hold
+        | Verb::Stop
+        | Verb::Republish
+        | Verb::Retry
+        | Verb::Skip => CommandArgs::None,
     };
     Ok((expires_at, args))
 }
@@ -1099,7 +1117,7 @@ mod tests {
         assert_eq!(
             r.reason,
             "unknown command verb `launch`; verbs: start_run, pause, resume, hold, abort, stop, \
-             answer_prompt, ack_alarm, republish, set_setpoint"
+             answer_prompt, ack_alarm, republish, set_setpoint, retry, skip"
         );
         assert_eq!(r.cmd_id.as_deref(), Some("c9"));
         assert_eq!(reject("launch", "nope").cmd_id, None);
