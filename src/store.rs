@@ -18,7 +18,7 @@ pub enum OpenFailure {
 /// Opens (or creates, with its folder) a data file.
 pub fn open(path: &Path) -> Result<Connection, OpenFailure> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(OpenFailure::Folder)?;
+        create_folder(dir).map_err(OpenFailure::Folder)?;
     }
     let configure = || -> Result<Connection, rusqlite::Error> {
         let conn = Connection::open(path)?;
@@ -28,6 +28,18 @@ pub fn open(path: &Path) -> Result<Connection, OpenFailure> {
         Ok(conn)
     };
     configure().map_err(OpenFailure::Sqlite)
+}
+
+/// Creates a data folder (and its parents) that other users cannot enter: the
+/// journal holds protocols, operators and MES commands. On Unix the folders
+/// made here are `rwxr-x---` (less if the umask says so); a folder that
+/// already exists is left as it is.
+fn create_folder(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o750);
+    builder.create(dir)
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -54,5 +66,26 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_folder_is_closed_to_other_users() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("lab").join("data");
+        open(&data.join("journal.sqlite")).unwrap();
+        for folder in [&data, &dir.path().join("lab")] {
+            let mode = std::fs::metadata(folder).unwrap().permissions().mode();
+            assert_eq!(mode & 0o007, 0, "{}: {mode:o}", folder.display());
+            assert_eq!(mode & 0o700, 0o700, "{mode:o}");
+        }
+        // An existing folder keeps its permissions.
+        let open_dir = dir.path().join("shared");
+        std::fs::create_dir(&open_dir).unwrap();
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        open(&open_dir.join("outbox.sqlite")).unwrap();
+        let mode = std::fs::metadata(&open_dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
     }
 }

@@ -274,7 +274,20 @@ pub fn load(path: &Path) -> Result<LabFile, (Arc<SourceFile>, Vec<Diagnostic>)> 
     };
     let (lab, diagnostics) = parse(SourceFile::new(path, text));
     match lab {
-        Some(l) if !diagnostics.iter().any(Diagnostic::is_error) => Ok(l),
+        Some(l) if !diagnostics.iter().any(Diagnostic::is_error) => {
+            // Warnings (a secret file others can read, a password sent in the
+            // clear) do not stop the controller, so they go to its log.
+            for d in &diagnostics {
+                let (line, column) = l.file.line_col(d.span.start);
+                let hint = d
+                    .hint
+                    .as_deref()
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                tracing::warn!(target: "lab", "{}:{line}:{column}: {} [{}]{hint}", path.display(), d.message, d.code);
+            }
+            Ok(l)
+        }
         Some(l) => Err((l.file, diagnostics)),
         None => Err((Arc::new(SourceFile::new(path, "")), diagnostics)),
     }
@@ -703,8 +716,99 @@ fn check_mqtt(doc: &LabDoc, base: &Path, out: &mut Vec<Diagnostic>) {
                 )
                 .with_hint("paths are relative to the lab file's folder"),
             );
+        } else if let Some(f) = file {
+            let secret = key != "ca_file";
+            if let Some(problem) = file_exposure(&base.join(f), secret) {
+                out.push(
+                    Diagnostic::warning(
+                        "secret-permissions",
+                        at,
+                        format!("[mqtt] {key} `{f}` {problem}"),
+                    )
+                    .with_hint(if secret {
+                        "chmod 600 the file (or 640 with a group for the controller), owned by the controller's user"
+                    } else {
+                        "chmod 644 the file, owned by root or the controller's user"
+                    }),
+                );
+            }
         }
     }
+    let loopback = is_loopback_host(&m.host);
+    if m.password_file.is_some() && !m.tls && !loopback {
+        out.push(
+            Diagnostic::warning(
+                "insecure-mqtt",
+                at,
+                format!(
+                    "[mqtt] the password is sent to {} unencrypted (tls is off)",
+                    m.host
+                ),
+            )
+            .with_hint("add `tls = true` (and `ca_file` for a private CA)"),
+        );
+    }
+    if m.embedded && !loopback {
+        out.push(
+            Diagnostic::warning(
+                "insecure-mqtt",
+                at,
+                format!(
+                    "[mqtt] the embedded broker on {} has no authentication and no TLS: \
+                     anyone who can reach it reads telemetry and can publish commands",
+                    m.host
+                ),
+            )
+            .with_hint(
+                "keep it on 127.0.0.1, or use a broker with TLS and accounts (docs/security.md)",
+            ),
+        );
+    }
+    if m.command_key_file.is_none() && !loopback {
+        out.push(
+            Diagnostic::warning(
+                "insecure-mqtt",
+                at,
+                format!(
+                    "[mqtt] commands are not signed: anyone who may publish on {} can start \
+                     and abort runs and change setpoints",
+                    m.host
+                ),
+            )
+            .with_hint("set `command_key_file` (docs/mqtt.md, signed commands)"),
+        );
+    }
+}
+
+/// `localhost` or a loopback address: a broker only this machine reaches.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What is wrong with who may use a file the controller trusts: a `secret`
+/// (password, command key) must not be readable by other users; no such file
+/// may be writable by them (a replaced CA file or key lets them in).
+#[cfg(unix)]
+fn file_exposure(path: &Path, secret: bool) -> Option<&'static str> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    if mode & 0o002 != 0 {
+        Some("can be changed by every user of this machine")
+    } else if secret && mode & 0o004 != 0 {
+        Some("can be read by every user of this machine")
+    } else {
+        None
+    }
+}
+
+#[cfg(not(unix))]
+fn file_exposure(_path: &Path, _secret: bool) -> Option<&'static str> {
+    None
 }
 
 /// Protocol checks against a lab file's devices: roles bound like a run binds
@@ -898,6 +1002,102 @@ mod tests {
                 .any(|d| !d.is_error() && d.message.contains("ca_file is set but tls is off")),
             "{d:?}"
         );
+    }
+
+    /// Every warning of a lab file written at `dir/lab.toml`: (code, message).
+    fn warnings_in(dir: &Path, body: &str) -> Vec<(&'static str, String)> {
+        let (_, d) = parse(SourceFile::new(
+            dir.join("lab.toml"),
+            format!("{HEAD}{body}"),
+        ));
+        d.into_iter()
+            .filter(|d| !d.is_error() && d.code != "no-devices")
+            .map(|d| (d.code, d.message))
+            .collect()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_others_can_read_or_change_are_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let chmod = |name: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let body = "[mqtt]\nhost = \"127.0.0.1\"\nusername = \"u\"\npassword_file = \"pw\"\n\
+                    command_key_file = \"key\"\ntls = true\nca_file = \"ca.pem\"\n";
+        chmod("pw", 0o600);
+        chmod("key", 0o640);
+        chmod("ca.pem", 0o644);
+        assert_eq!(warnings_in(dir.path(), body), []);
+        chmod("pw", 0o644);
+        chmod("key", 0o604);
+        chmod("ca.pem", 0o666);
+        let w = warnings_in(dir.path(), body);
+        let expect = [
+            "password_file `pw` can be read by every user",
+            "ca_file `ca.pem` can be changed by every user",
+            "command_key_file `key` can be read by every user",
+        ];
+        assert_eq!(w.len(), expect.len(), "{w:?}");
+        for text in expect {
+            assert!(
+                w.iter()
+                    .any(|(c, m)| *c == "secret-permissions" && m.contains(text)),
+                "expected `{text}` in {w:?}"
+            );
+        }
+        // Warnings only: the lab still loads.
+        std::fs::write(dir.path().join("lab.toml"), format!("{HEAD}{body}")).unwrap();
+        assert!(load(&dir.path().join("lab.toml")).is_ok());
+    }
+
+    #[test]
+    fn brokers_beyond_this_machine_without_protection_are_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "secret\n").unwrap();
+        std::fs::write(dir.path().join("key"), "0123456789abcdef0123\n").unwrap();
+        #[cfg(unix)]
+        for f in ["pw", "key"] {
+            use std::os::unix::fs::PermissionsExt;
+            let perms = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(dir.path().join(f), perms).unwrap();
+        }
+        let codes = |body: &str| -> Vec<String> {
+            warnings_in(dir.path(), body)
+                .into_iter()
+                .filter(|(c, _)| *c == "insecure-mqtt")
+                .map(|(_, m)| m)
+                .collect()
+        };
+        let clear =
+            codes("[mqtt]\nhost = \"broker.lan\"\nusername = \"u\"\npassword_file = \"pw\"\n");
+        assert!(
+            clear
+                .iter()
+                .any(|m| m.contains("password is sent to broker.lan unencrypted")),
+            "{clear:?}"
+        );
+        assert!(
+            clear.iter().any(|m| m.contains("commands are not signed")),
+            "{clear:?}"
+        );
+        let open =
+            codes("[mqtt]\nhost = \"0.0.0.0\"\nembedded = true\ncommand_key_file = \"key\"\n");
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert!(open[0].contains("no authentication and no TLS"), "{open:?}");
+        // TLS, a password and signed commands: nothing to say.
+        let good = "[mqtt]\nhost = \"broker.lan\"\ntls = true\nusername = \"u\"\npassword_file = \"pw\"\n\
+                    command_key_file = \"key\"\n";
+        assert_eq!(codes(good), Vec::<String>::new());
+        // A broker on this machine only: nothing to say either.
+        for host in ["127.0.0.1", "localhost", "::1", "[::1]"] {
+            let body =
+                format!("[mqtt]\nhost = \"{host}\"\nusername = \"u\"\npassword_file = \"pw\"\n");
+            assert_eq!(codes(&body), Vec::<String>::new(), "{host}");
+        }
     }
 
     #[test]

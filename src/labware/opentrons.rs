@@ -86,6 +86,15 @@ pub fn load_definition_file(path: &Path) -> Result<LabwareDefinition, Definition
             error
         }
     };
+    // Only regular files: opening a FIFO, a serial port or a socket (e.g. under
+    // /proc/self/fd) could block for ever or take bytes meant for a driver.
+    // Checked before opening, since opening is what blocks.
+    let meta = std::fs::metadata(path).map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(DefinitionError::new(format!(
+            "cannot read labware definition `{shown}`: not a regular file"
+        )));
+    }
     let file = std::fs::File::open(path).map_err(read_error)?;
     let mut text = String::new();
     // Reading one byte past the limit is enough to know the file is too
@@ -1644,6 +1653,24 @@ mod tests {
         );
         assert!(e.message.contains("no_such_plate.json"), "{}", e.message);
         assert_eq!((e.line, e.column), (None, None));
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        // A device (and, through a link, a FIFO or a serial port) is refused
+        // before it is opened.
+        let e = load_definition_file(Path::new("/dev/null")).unwrap_err();
+        assert!(e.message.ends_with("not a regular file"), "{}", e.message);
+        let dir = tempfile::tempdir().unwrap();
+        let e = load_definition_file(dir.path()).unwrap_err();
+        assert!(e.message.ends_with("not a regular file"), "{}", e.message);
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("plate.json");
+            std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+            let e = load_definition_file(&link).unwrap_err();
+            assert!(e.message.ends_with("not a regular file"), "{}", e.message);
+        }
     }
 
     #[test]

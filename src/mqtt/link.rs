@@ -28,6 +28,23 @@ const BATCH: usize = 256;
 /// lab, a protocol's text in `start_run`).
 pub const MAX_PACKET: usize = 4 << 20;
 
+/// Room left in a packet for its fixed header, the topic's length and packet
+/// id, and the `"replayed":true` a re-sent message gains.
+const PACKET_OVERHEAD: usize = 64;
+
+/// Whether the broker can be sent this message at all. rumqttc refuses a topic
+/// with a wildcard (`+`, `#`) at once, and a packet over [`MAX_PACKET`], an empty
+/// or over-long topic or one with U+0000 ends the connection; sent again after
+/// every reconnect, such a message would stop the link for good. Topic levels
+/// come from ids a protocol or lab file chose (a monitor's id in an alarm topic).
+fn publishable(topic: &str, payload_len: usize) -> bool {
+    !topic.is_empty()
+        && topic.len() <= usize::from(u16::MAX)
+        && !topic.contains('\0')
+        && rumqttc::valid_topic(topic)
+        && topic.len() + payload_len + PACKET_OVERHEAD <= MAX_PACKET
+}
+
 /// Where and how to connect. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct BrokerSettings {
@@ -458,6 +475,10 @@ impl LinkTask {
     fn fill(&mut self) {
         while self.outstanding() < WINDOW {
             if let Some((topic, payload)) = self.retained.pop_front() {
+                if !publishable(&topic, payload.len()) {
+                    tracing::error!(target: "mqtt", "retained message on `{}` ({} bytes) cannot be published: skipped", topic.escape_debug(), payload.len());
+                    continue;
+                }
                 // A copy of a message sent before: its seq is old, so it says so.
                 if self
                     .client
@@ -494,6 +515,14 @@ impl LinkTask {
             let Some(row) = self.buffer.pop_front() else {
                 return;
             };
+            if !publishable(&row.topic, row.payload.len()) {
+                // Never sendable: deleted as if acknowledged, so it cannot hold
+                // up every message behind it.
+                tracing::error!(target: "mqtt", "message {} on `{}` ({} bytes) cannot be published: dropped", row.id, row.topic.escape_debug(), row.payload.len());
+                self.cursor = row.id;
+                self.acked.push(row.id);
+                continue;
+            }
             let payload = if row.id <= self.live_from {
                 row.replayed_payload()
             } else {
@@ -595,6 +624,18 @@ mod tests {
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let e = tls_config(Some(&empty)).unwrap_err();
         assert!(e.contains("holds no certificate"), "{e}");
+    }
+
+    #[test]
+    fn messages_the_broker_would_refuse_are_recognised() {
+        assert!(publishable("bf/v1/s/c/x/alarm/watch.ph", 100));
+        assert!(publishable("bf/v1/s/c/x/alarm/wätch.ph", 100));
+        for topic in ["", "bf/v1/a+b", "bf/v1/alarm/#.ph", "bf/v1/\0"] {
+            assert!(!publishable(topic, 10), "{topic:?}");
+        }
+        assert!(!publishable(&"a".repeat(70_000), 0));
+        assert!(publishable("t", MAX_PACKET - 100));
+        assert!(!publishable("t", MAX_PACKET));
     }
 
     #[test]

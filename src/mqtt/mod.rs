@@ -33,6 +33,33 @@ pub struct Mqtt {
     pub embedded: Option<std::net::SocketAddr>,
 }
 
+/// A password file holds one line; a cap keeps a wrong path (a log, a device
+/// file) from being read into memory whole.
+const MAX_PASSWORD_FILE_BYTES: u64 = 64 * 1024;
+
+/// The password in a `password_file`: its text without the final line break.
+/// Errors name the file, never its content.
+fn read_password(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("cannot read {shown}: not a regular file"));
+    }
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let mut text = String::new();
+    file.take(MAX_PASSWORD_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if text.len() as u64 > MAX_PASSWORD_FILE_BYTES {
+        return Err(format!(
+            "password file {shown} is too large (more than {MAX_PASSWORD_FILE_BYTES} bytes); \
+             it should hold just the password"
+        ));
+    }
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
 /// How a lab file's `[mqtt]` table is read. Without the table, an embedded
 /// broker on 127.0.0.1:1883 (when `allow_embedded`), else no MQTT.
 pub fn broker_settings(
@@ -56,14 +83,8 @@ pub fn broker_settings(
             true,
         )));
     };
-    let read_secret = |name: &str| -> Result<String, String> {
-        let path = lab.base.join(name);
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Ok(text.trim_end_matches(['\r', '\n']).to_string())
-    };
     let credentials = match (&m.username, &m.password_file) {
-        (Some(user), Some(file)) => Some((user.clone(), read_secret(file)?)),
+        (Some(user), Some(file)) => Some((user.clone(), read_password(&lab.base.join(file))?)),
         (Some(user), None) => Some((user.clone(), String::new())),
         (None, Some(_)) => return Err("[mqtt] password_file needs a username".into()),
         (None, None) => None,
@@ -160,4 +181,26 @@ fn start_embedded(addr: std::net::SocketAddr) -> Result<(), String> {
     Err(format!(
         "the lab asks for an embedded broker on {addr}, but this build has no `embedded-broker` feature"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_file_is_read_bounded_and_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "hunter2-secret\r\n").unwrap();
+        assert_eq!(read_password(&path).unwrap(), "hunter2-secret");
+        std::fs::write(&path, "hunter2-secret".repeat(10_000)).unwrap();
+        let e = read_password(&path).unwrap_err();
+        assert!(e.contains("too large") && !e.contains("hunter2"), "{e}");
+        std::fs::write(&path, b"hunter2-\xff").unwrap();
+        let e = read_password(&path).unwrap_err();
+        assert!(e.contains("pw") && !e.contains("hunter2"), "{e}");
+        let e = read_password(dir.path()).unwrap_err();
+        assert!(e.ends_with("not a regular file"), "{e}");
+        assert!(read_password(&dir.path().join("missing")).is_err());
+    }
 }

@@ -62,16 +62,31 @@ pub struct Param {
 impl Param {
     /// Where a value came from, for messages: `--param volume=10 uL` or
     /// ``parameter `volume` = "100 uL"``.
+    ///
+    /// A long value is cut at [`ORIGIN_VALUE_CHARS`] characters: a message may
+    /// name the parameter once per use, and a value can be megabytes long.
     pub fn origin(&self) -> String {
-        if self.overridden {
-            let plain = match &self.value {
-                ParamValue::Text(s) => s.clone(),
-                other => other.to_string(),
-            };
-            format!("--param {}={plain}", self.name)
-        } else {
-            format!("parameter `{}` = {}", self.name, self.value)
+        // Never the whole value first: a message may be built once per use.
+        match (&self.value, self.overridden) {
+            (ParamValue::Text(s), true) => format!("--param {}={}", self.name, shortened(s)),
+            (other, true) => format!("--param {}={other}", self.name),
+            (ParamValue::Text(s), false) => {
+                let cut = s.chars().nth(ORIGIN_VALUE_CHARS).is_some();
+                let end = if cut { "" } else { "\"" };
+                format!("parameter `{}` = \"{}{end}", self.name, shortened(s))
+            }
+            (other, false) => format!("parameter `{}` = {other}", self.name),
         }
+    }
+}
+
+/// Most characters of a parameter's value a message quotes.
+pub const ORIGIN_VALUE_CHARS: usize = 40;
+
+fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(ORIGIN_VALUE_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]).into(),
+        None => text.into(),
     }
 }
 
@@ -311,4 +326,48 @@ pub struct Monitor {
     /// Stop sampling when this step starts (default: when the run ends).
     pub until: Option<Sp<String>>,
     pub span: Span,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(value: ParamValue, overridden: bool) -> Param {
+        Param {
+            name: "p".into(),
+            default: value.clone(),
+            value,
+            overridden,
+            span: crate::source::Span::default(),
+            used: true,
+        }
+    }
+
+    #[test]
+    fn origins_quote_at_most_a_short_value() {
+        let short = param(ParamValue::Text("100 uL".into()), false);
+        assert_eq!(short.origin(), "parameter `p` = \"100 uL\"");
+        let over = param(ParamValue::Text("10 s".into()), true);
+        assert_eq!(over.origin(), "--param p=10 s");
+        let long = param(ParamValue::Text("µ".repeat(400_000)), false);
+        let o = long.origin();
+        assert!(o.chars().count() < 70, "{o}");
+        assert!(o.ends_with('…'), "{o}");
+        let long = param(ParamValue::Text("x".repeat(100)), true);
+        assert_eq!(long.origin(), format!("--param p={}…", "x".repeat(40)));
+        let edge = param(ParamValue::Text("x".repeat(41)), false);
+        assert_eq!(
+            edge.origin(),
+            format!("parameter `p` = \"{}…", "x".repeat(40))
+        );
+        let fits = param(ParamValue::Text("x".repeat(40)), false);
+        assert_eq!(
+            fits.origin(),
+            format!("parameter `p` = \"{}\"", "x".repeat(40))
+        );
+        assert_eq!(
+            param(ParamValue::Integer(3), false).origin(),
+            "parameter `p` = 3"
+        );
+    }
 }

@@ -7,7 +7,7 @@
 
 use super::condition::parse_condition;
 use super::model::*;
-use super::wells::{parse_selection, resolve};
+use super::wells::{MAX_SELECTION_WELLS, parse_selection, resolve_at_most};
 use crate::catalogue::{
     ActionSpec, ArgSpec, ArgType, BUILTIN_ACTIONS, COMMON_STEP_KEYS, DeviceKind, ERROR_POLICIES,
     VIOLATION_POLICIES,
@@ -30,6 +30,19 @@ type Value<'a> = Spanned<DeValue<'a>>;
 pub const MAX_FILE_BYTES: usize = 64 << 20;
 /// Most repetitions of one step.
 pub const MAX_REPEAT: i64 = 100_000;
+/// Most text `${name}` substitution may produce in one protocol, in bytes. A
+/// parameter may be used many times, so without a bound a 1 MiB file (a
+/// `start_run` from MES) could expand to many GiB and exhaust memory.
+pub const MAX_SUBSTITUTED_BYTES: usize = MAX_FILE_BYTES;
+/// Most wells all the well selections and `contents` keys of one protocol may
+/// name together (each selection at most [`MAX_SELECTION_WELLS`]).
+pub const MAX_PROTOCOL_WELLS: usize = 4_000_000;
+
+/// Longest monitor id (it is part of MQTT alarm topics).
+const MAX_MONITOR_ID_CHARS: usize = 64;
+
+const TOO_MANY_WELLS_HINT: &str =
+    "a list may repeat wells, but not without bound: split the work over several steps";
 
 /// A parameter value given outside the file (`--param name=value`, or by MES).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +70,15 @@ impl std::str::FromStr for ParamOverride {
 pub fn parse(
     file: Arc<SourceFile>,
     overrides: &[ParamOverride],
+) -> (Option<Protocol>, Vec<Diagnostic>) {
+    parse_within(file, overrides, MAX_PROTOCOL_WELLS)
+}
+
+/// [`parse`] with a well budget (smaller in tests).
+fn parse_within(
+    file: Arc<SourceFile>,
+    overrides: &[ParamOverride],
+    wells_budget: usize,
 ) -> (Option<Protocol>, Vec<Diagnostic>) {
     if file.text.len() > MAX_FILE_BYTES {
         return (
@@ -99,6 +121,10 @@ pub fn parse(
         base_dir,
         broken_roles: HashSet::new(),
         broken_labware: HashSet::new(),
+        substituted_left: MAX_SUBSTITUTED_BYTES,
+        substituted_over: false,
+        wells_left: wells_budget,
+        wells_budget,
     };
     let protocol = p.document(root.get_ref(), overrides, Arc::clone(&file));
     (Some(protocol), p.diags)
@@ -116,6 +142,13 @@ struct Parser<'t> {
     /// uses are not reported again.
     broken_roles: HashSet<String>,
     broken_labware: HashSet<String>,
+    /// Bytes `${name}` substitution may still produce ([`MAX_SUBSTITUTED_BYTES`]).
+    substituted_left: usize,
+    /// The bound was reached (and reported).
+    substituted_over: bool,
+    /// Wells selections may still name, of `wells_budget` ([`MAX_PROTOCOL_WELLS`]).
+    wells_left: usize,
+    wells_budget: usize,
 }
 
 /// A string value after `${param}` substitution.
@@ -488,11 +521,34 @@ impl<'t> Parser<'t> {
                     if start == 0 && end + 3 == rest.len() && consumed == 0 {
                         exact = Some(value.clone());
                     }
-                    match value {
-                        ParamValue::Text(s) => out.push_str(s),
-                        other => out.push_str(&other.to_string()),
+                    let text = match value {
+                        ParamValue::Text(s) => std::borrow::Cow::Borrowed(s.as_str()),
+                        other => std::borrow::Cow::Owned(other.to_string()),
+                    };
+                    if self.substituted_over {
+                        return None;
                     }
-                    origins.push(param.origin());
+                    if text.len() > self.substituted_left {
+                        self.error(
+                            "bad-substitution",
+                            span,
+                            format!(
+                                "parameters expand this protocol to more than {} MiB of text",
+                                MAX_SUBSTITUTED_BYTES >> 20
+                            ),
+                        )
+                        .hint = Some("use long parameters fewer times".into());
+                        // Reported once: every later use fails quietly.
+                        self.substituted_over = true;
+                        return None;
+                    }
+                    self.substituted_left -= text.len();
+                    out.push_str(&text);
+                    // Once per parameter, however often the string uses it.
+                    let origin = param.origin();
+                    if !origins.contains(&origin) {
+                        origins.push(origin);
+                    }
                 }
                 None => {
                     let hint = did_you_mean(name, self.params.keys().map(String::as_str))
@@ -802,13 +858,19 @@ impl<'t> Parser<'t> {
             return None;
         }
         let definition = Arc::clone(&self.labware[&selection.labware].definition);
-        match resolve(&selection, &definition) {
+        match self.resolve_wells(&selection, &definition) {
             Ok(wells) => Some(WellSet {
                 labware: selection.labware,
                 wells,
                 span: t.span,
             }),
-            Err(e) => {
+            Err(Some(e)) if e.too_many => {
+                let span = t.sub_span(e.range);
+                self.error("bad-wells", span, t.note(e.message)).hint =
+                    Some(TOO_MANY_WELLS_HINT.into());
+                None
+            }
+            Err(Some(e)) => {
                 let span = t.sub_span(e.range);
                 self.error("well-outside", span, t.note(e.message)).hint = Some(format!(
                     "`{}` is {}",
@@ -816,6 +878,36 @@ impl<'t> Parser<'t> {
                 ));
                 None
             }
+            Err(None) => None,
+        }
+    }
+
+    /// Resolves a selection within the protocol's well budget
+    /// ([`MAX_PROTOCOL_WELLS`]). `Err(None)`: the budget was already used up and
+    /// reported; nothing more is said.
+    fn resolve_wells(
+        &mut self,
+        selection: &super::wells::WellSelection,
+        definition: &crate::labware::LabwareDefinition,
+    ) -> Result<Vec<String>, Option<super::wells::WellRangeError>> {
+        if self.wells_left == 0 {
+            return Err(None);
+        }
+        let max = MAX_SELECTION_WELLS.min(self.wells_left);
+        match resolve_at_most(selection, definition, max) {
+            Ok(wells) => {
+                self.wells_left -= wells.len();
+                Ok(wells)
+            }
+            Err(mut e) if e.too_many && max < MAX_SELECTION_WELLS => {
+                e.message = format!(
+                    "the protocol's well selections name more than {} wells in all",
+                    self.wells_budget
+                );
+                self.wells_left = 0;
+                Err(Some(e))
+            }
+            Err(e) => Err(Some(e)),
         }
     }
 
@@ -1137,12 +1229,22 @@ impl<'t> Parser<'t> {
             let selector = format!("{}:{}", labware.name, key.get_ref());
             let key_span = span_of(key);
             let wells = match parse_selection(&selector)
-                .map_err(|e| ("bad-wells", e.message))
+                .map_err(|e| Some(("bad-wells", e.message)))
                 .and_then(|s| {
-                    resolve(&s, &labware.definition).map_err(|e| ("well-outside", e.message))
+                    self.resolve_wells(&s, &labware.definition).map_err(|e| {
+                        e.map(|e| {
+                            let code = if e.too_many {
+                                "bad-wells"
+                            } else {
+                                "well-outside"
+                            };
+                            (code, e.message)
+                        })
+                    })
                 }) {
                 Ok(w) => w,
-                Err((code, message)) => {
+                Err(None) => continue,
+                Err(Some((code, message))) => {
                     self.error(code, key_span, message).hint = Some(
                         "keys are wells (`A1`), ranges (`\"A1:H1\"`) or lists (`\"A1,B1\"`)".into(),
                     );
@@ -1785,10 +1887,28 @@ impl<'t> Parser<'t> {
         let span = span_of(v);
         let t = self.table(v, "a [[monitor]]")?;
         let clean = self.check_keys(t, MONITOR_KEYS, "[[monitor]]");
-        let id = t
-            .get("id")
-            .and_then(|i| self.text(i, "id"))
-            .map_or_else(|| format!("monitor-{}", index + 1), |t| t.value);
+        let id_text = t.get("id").and_then(|i| self.text(i, "id"));
+        // A monitor's id is a level of its alarms' MQTT topics: `+`, `#`, `/`
+        // or a very long id would make topics the broker refuses.
+        if let Some(it) = &id_text
+            && !(valid_name(&it.value) && it.value.chars().count() <= MAX_MONITOR_ID_CHARS)
+        {
+            let shown: String = it.value.chars().take(MAX_MONITOR_ID_CHARS).collect();
+            let cut = if shown.len() < it.value.len() {
+                "…"
+            } else {
+                ""
+            };
+            self.error(
+                "bad-name",
+                it.span,
+                format!("`{}{cut}` cannot be a monitor id", shown.escape_debug()),
+            )
+            .hint = Some(format!(
+                "letters, digits, _ and -, at most {MAX_MONITOR_ID_CHARS} characters (alarms are published as alarm/<id>.<signal>)"
+            ));
+        }
+        let id = id_text.map_or_else(|| format!("monitor-{}", index + 1), |t| t.value);
         let Some(device) = t.get("device") else {
             if !clean {
                 return None;
@@ -2097,5 +2217,120 @@ mod tests {
         );
         assert!("=3".parse::<ParamOverride>().is_err());
         assert!("volume".parse::<ParamOverride>().is_err());
+    }
+
+    fn parse_text(text: &str) -> Vec<Diagnostic> {
+        parse(Arc::new(SourceFile::new("p.toml", text)), &[]).1
+    }
+
+    fn with_code<'d>(diags: &'d [Diagnostic], code: &str) -> Vec<&'d Diagnostic> {
+        diags.iter().filter(|d| d.code == code).collect()
+    }
+
+    const PLATE_HEAD: &str = "format = \"biofoundry.protocol/1\"\n[protocol]\nname = \"x\"\n\
+        [devices]\nlh = \"liquid_handler\"\n\
+        [labware.plate]\ntype = \"corning_96_wellplate_360ul_flat\"\nat = \"lh:3\"\n";
+
+    #[test]
+    fn monitor_ids_are_names_fit_for_alarm_topics() {
+        let monitor = |id: &str| {
+            format!(
+                "format = \"biofoundry.protocol/1\"\n[protocol]\nname = \"x\"\n\
+                 [devices]\nbr = \"bioreactor\"\n\
+                 [[monitor]]\nid = \"{id}\"\ndevice = \"br\"\nread = [\"ph\"]\nevery = \"10 s\"\n"
+            )
+        };
+        for good in ["watch", "culture_2", "ph-guard"] {
+            let d = parse_text(&monitor(good));
+            assert!(with_code(&d, "bad-name").is_empty(), "{good}: {d:?}");
+        }
+        let long = "m".repeat(65);
+        for bad in ["a+b", "a#", "a/b", "", "has space", long.as_str()] {
+            let text = monitor(bad);
+            let d = parse_text(&text);
+            let names = with_code(&d, "bad-name");
+            assert_eq!(names.len(), 1, "{bad}: {d:?}");
+            assert!(
+                names[0].message.contains("cannot be a monitor id"),
+                "{names:?}"
+            );
+            // At the id's value.
+            assert_eq!(
+                names[0].span.start,
+                text.find("id = ").unwrap() + 5,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn substitution_cannot_blow_a_small_file_up() {
+        // A 2 MiB parameter used 40 times would be 80 MiB of text.
+        let uses = "${p}".repeat(40);
+        let text = format!(
+            "format = \"biofoundry.protocol/1\"\n[protocol]\nname = \"x\"\n\
+             [params]\np = \"{}\"\n\
+             [[step]]\ndo = \"log\"\nmessage = \"{uses}\"\n\
+             [[step]]\ndo = \"log\"\nmessage = \"{uses}\"\n",
+            "x".repeat(2 << 20)
+        );
+        let diags = parse_text(&text);
+        let over = with_code(&diags, "bad-substitution");
+        assert_eq!(over.len(), 1, "reported once: {over:?}");
+        assert!(
+            over[0].message.contains("more than 64 MiB"),
+            "{}",
+            over[0].message
+        );
+        // Ordinary use is untouched.
+        let ok = "format = \"biofoundry.protocol/1\"\n[protocol]\nname = \"x\"\n\
+                  [params]\np = \"hello\"\n[[step]]\ndo = \"log\"\nmessage = \"${p} ${p}\"\n";
+        assert!(!parse_text(ok).iter().any(Diagnostic::is_error));
+    }
+
+    #[test]
+    fn a_well_list_cannot_name_unbounded_wells() {
+        // 2 000 x 96 wells in 14 kB of text.
+        let ranges = vec!["A1:H12"; 2_000].join(",");
+        let text = format!(
+            "{PLATE_HEAD}contents = {{ \"{ranges}\" = \"1 uL\" }}\n\
+             [[step]]\ndo = \"lh.dispense\"\nto = \"plate:{ranges}\"\nvolume = \"1 uL\"\n"
+        );
+        let diags = parse_text(&text);
+        let bad = with_code(&diags, "bad-wells");
+        assert_eq!(bad.len(), 2, "{diags:?}");
+        assert!(
+            bad.iter()
+                .all(|d| d.message.contains("more than 100000 wells")),
+            "{bad:?}"
+        );
+        // The step's error points at the range that went over.
+        let at = text.find("to = \"plate:").unwrap() + "to = \"plate:".len() + 1041 * 7;
+        assert!(bad.iter().any(|d| d.span.start == at), "{bad:?}");
+    }
+
+    #[test]
+    fn the_protocol_names_at_most_its_wells_budget() {
+        // Three selections of 96 000 wells each, against a budget of 200 000
+        // (the real one, 4 000 000, is the same code with a bigger number).
+        let ranges = vec!["A1:H12"; 1_000].join(",");
+        let mut text = PLATE_HEAD.to_string();
+        for _ in 0..3 {
+            text.push_str(&format!(
+                "[[step]]\ndo = \"lh.dispense\"\nto = \"plate:{ranges}\"\nvolume = \"1 uL\"\n"
+            ));
+        }
+        let file = Arc::new(SourceFile::new("p.toml", text));
+        let diags = parse_within(Arc::clone(&file), &[], 200_000).1;
+        let bad = with_code(&diags, "bad-wells");
+        assert_eq!(bad.len(), 1, "reported once: {bad:?}");
+        // At the third selection: the first two (192 000 wells) fit.
+        let third = file.text.rfind("to = \"plate:").unwrap();
+        assert!(bad[0].span.start > third, "{bad:?}");
+        assert!(
+            bad[0].message.contains("more than 200000 wells in all"),
+            "{}",
+            bad[0].message
+        );
     }
 }

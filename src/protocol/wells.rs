@@ -123,12 +123,30 @@ pub fn split_well_name(name: &str) -> Option<(usize, usize)> {
 pub struct WellRangeError {
     pub message: String,
     pub range: Range<usize>,
+    /// The selection names more wells than it may (see [`resolve_at_most`]).
+    pub too_many: bool,
 }
 
-/// Expands a selection against a labware definition, in walking order.
+/// Most wells one selection may name. A list may repeat wells, so without a
+/// bound a short text (`plate:A1:H12,A1:H12,...`, 7 bytes per 96 wells) would
+/// expand to millions of wells and exhaust memory.
+pub const MAX_SELECTION_WELLS: usize = 100_000;
+
+/// Expands a selection against a labware definition, in walking order; at
+/// most [`MAX_SELECTION_WELLS`] wells.
 pub fn resolve(
     selection: &WellSelection,
     definition: &LabwareDefinition,
+) -> Result<Vec<String>, WellRangeError> {
+    resolve_at_most(selection, definition, MAX_SELECTION_WELLS)
+}
+
+/// [`resolve`], refusing a selection of more than `max` wells (the error has
+/// `too_many` set and points at the item that went over).
+pub fn resolve_at_most(
+    selection: &WellSelection,
+    definition: &LabwareDefinition,
+    max: usize,
 ) -> Result<Vec<String>, WellRangeError> {
     let mut wells = Vec::new();
     for (item, range) in &selection.items {
@@ -139,12 +157,26 @@ pub fn resolve(
                 definition.size_description()
             ),
             range: range.clone(),
+            too_many: false,
+        };
+        // Checked before each well is added, so memory stays bounded by `max`.
+        let full = |wells: &Vec<String>| -> Result<(), WellRangeError> {
+            if wells.len() >= max {
+                Err(WellRangeError {
+                    message: format!("the selection names more than {max} wells"),
+                    range: range.clone(),
+                    too_many: true,
+                })
+            } else {
+                Ok(())
+            }
         };
         match item {
             WellItem::Well(name) => {
                 if definition.well(name).is_none() {
                     return Err(outside(name));
                 }
+                full(&wells)?;
                 wells.push(name.clone());
             }
             WellItem::Rectangle(first, last) => {
@@ -159,7 +191,10 @@ pub fn resolve(
                 for c in c0..=c1 {
                     for r in r0..=r1 {
                         match definition.well_at(r, c) {
-                            Some(w) => wells.push(w.name.clone()),
+                            Some(w) => {
+                                full(&wells)?;
+                                wells.push(w.name.clone());
+                            }
                             None => {
                                 return Err(WellRangeError {
                                     message: format!(
@@ -168,6 +203,7 @@ pub fn resolve(
                                         definition.size_description()
                                     ),
                                     range: range.clone(),
+                                    too_many: false,
                                 });
                             }
                         }
@@ -184,6 +220,7 @@ pub fn resolve(
                             definition.size_description()
                         ),
                         range: range.clone(),
+                        too_many: false,
                     });
                 }
                 // Quadrant 1 starts at A1, 2 at A2, 3 at B1, 4 at B2 (the usual
@@ -195,7 +232,9 @@ pub fn resolve(
                         let w = definition.well_at(r, c).ok_or_else(|| WellRangeError {
                             message: format!("`{}` has gaps in its grid", selection.labware),
                             range: range.clone(),
+                            too_many: false,
                         })?;
+                        full(&wells)?;
                         wells.push(w.name.clone());
                     }
                 }
@@ -261,6 +300,38 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 384);
         assert!(expand("d:quadrant(5)", p384).is_err());
+    }
+
+    #[test]
+    fn a_selection_cannot_expand_to_more_than_its_bound() {
+        // 7 bytes of text per 96 wells: the bound keeps this from growing with the text.
+        let text = format!("plate:{}", vec!["A1:H12"; 2_000].join(","));
+        let sel = parse_selection(&text).unwrap();
+        let err = resolve(&sel, plate96()).unwrap_err();
+        assert!(err.too_many, "{err:?}");
+        assert!(
+            err.message.contains("more than 100000 wells"),
+            "{}",
+            err.message
+        );
+        // The item that went over: the 1042nd range (1041 x 96 = 99 936 wells fit).
+        assert_eq!(err.range.start, "plate:".len() + 1041 * 7);
+        // Exactly the bound is accepted; one more is not.
+        let sel = parse_selection("plate:A1:H12,A1:B1").unwrap();
+        assert_eq!(resolve_at_most(&sel, plate96(), 98).unwrap().len(), 98);
+        let e = resolve_at_most(&sel, plate96(), 97).unwrap_err();
+        assert!(e.too_many);
+        assert_eq!(&"plate:A1:H12,A1:B1"[e.range], "A1:B1");
+        let p384 = builtin("corning_384_wellplate_112ul_flat").unwrap();
+        let q = parse_selection("d:quadrant(1)").unwrap();
+        assert!(resolve_at_most(&q, p384, 95).unwrap_err().too_many);
+        assert!(!expand_err_is_too_many("plate:I1"));
+    }
+
+    fn expand_err_is_too_many(text: &str) -> bool {
+        resolve(&parse_selection(text).unwrap(), plate96())
+            .unwrap_err()
+            .too_many
     }
 
     #[test]
