@@ -99,6 +99,7 @@ fn build(path: &Path) {
         operator: Some("bench".into()),
         source: "operator (CLI)".into(),
         started_ms: START_MS,
+        file: None,
     };
     let mut sink = journal.begin(&header).unwrap();
     let mut events = Vec::new();

@@ -68,6 +68,7 @@ fn run_instant_with(
                 operator: None,
                 source: "bench".into(),
                 started_ms: biofoundry::mqtt::publisher::now_ms(),
+                file: None,
             };
             let sink = biofoundry::journal::Journal::open(path)
                 .unwrap()

@@ -58,6 +58,24 @@ pub struct Recorded {
     pub operator: Option<String>,
     /// Every entry after the header: (seq, event).
     pub events: Vec<(u64, Value)>,
+    /// Where the protocol file was when the run started.
+    pub file: Option<PathBuf>,
+}
+
+impl Recorded {
+    /// Where the resumed run's protocol is taken to be: where its file was
+    /// (so the labware definitions next to it are found), else an empty
+    /// folder of the data folder (never the controller's working directory).
+    pub fn source_path(&self, data_dir: &Path) -> PathBuf {
+        self.file
+            .clone()
+            .filter(|f| f.parent().is_some_and(Path::is_dir))
+            .unwrap_or_else(|| {
+                data_dir
+                    .join("resumed")
+                    .join(format!("{}.toml", self.run_id))
+            })
+    }
 }
 
 /// What is known about a run when it starts.
@@ -79,6 +97,10 @@ pub struct RunHeader {
     /// Who started it: `operator (CLI)` or `mes (<cmd_id>)`.
     pub source: String,
     pub started_ms: u64,
+    /// Where the protocol file was, so that a resumed run finds the labware
+    /// definitions next to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// One row of `runs list`.
@@ -290,6 +312,7 @@ impl Journal {
                 .collect(),
             binds: pairs(&header["bindings"]),
             operator: text("operator"),
+            file: text("file").map(PathBuf::from),
             events: self
                 .entries(run_id)?
                 .into_iter()
@@ -785,6 +808,7 @@ pub fn begin_run(
     text: &str,
     setup: &crate::runtime::executor::RunSetup,
     source: &str,
+    file: &Path,
 ) -> Result<JournalSink, JournalError> {
     let bindings: serde_json::Map<String, Value> = setup
         .bindings
@@ -804,6 +828,7 @@ pub fn begin_run(
         operator: info.operator.clone(),
         source: source.to_string(),
         started_ms: crate::store::now_ms(),
+        file: Some(file.display().to_string()),
     };
     Journal::open(&journal_path(&lab.data_dir()))?.begin(&header)
 }
@@ -828,6 +853,7 @@ mod tests {
             operator: None,
             source: "test".into(),
             started_ms: 1,
+            file: None,
         }
     }
 
@@ -980,6 +1006,33 @@ mod tests {
         drop(sink);
         assert_eq!(reader.entries("r5").unwrap().len(), 2);
         assert!(!tail_file(&path, "r5").exists());
+    }
+
+    #[test]
+    fn a_resumed_protocol_is_read_where_it_was_or_in_the_data_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut recorded = Recorded {
+            run_id: "r9".into(),
+            protocol: "p".into(),
+            text: String::new(),
+            params: Vec::new(),
+            binds: Vec::new(),
+            operator: None,
+            events: Vec::new(),
+            file: Some(dir.path().join("p.toml")),
+        };
+        let data = Path::new("/data");
+        assert_eq!(recorded.source_path(data), dir.path().join("p.toml"));
+        recorded.file = Some(PathBuf::from("/no/such/folder/p.toml"));
+        assert_eq!(
+            recorded.source_path(data),
+            data.join("resumed").join("r9.toml")
+        );
+        recorded.file = None;
+        assert_eq!(
+            recorded.source_path(data),
+            data.join("resumed").join("r9.toml")
+        );
     }
 
     #[test]

@@ -309,9 +309,14 @@ fn execute(
         // With a lab file the run is journaled (first: before anything reports it).
         if let Some(l) = &lab_file {
             let journal = match &begin {
-                Begin::New { .. } => {
-                    biofoundry::journal::begin_run(l, &info, &text, &setup, "operator (CLI)")
-                }
+                Begin::New { .. } => biofoundry::journal::begin_run(
+                    l,
+                    &info,
+                    &text,
+                    &setup,
+                    "operator (CLI)",
+                    &protocol.file.path,
+                ),
                 Begin::Resume { .. } => biofoundry::journal::Journal::open(
                     &biofoundry::journal::journal_path(&l.data_dir()),
                 )
@@ -414,9 +419,8 @@ pub fn cmd_resume(
     let journal = biofoundry::journal::Journal::open(&path).map_err(|e| e.to_string())?;
     let recorded = journal.recorded(run_id).map_err(|e| e.to_string())?;
     drop(journal);
-    let name = format!("{} (journal of run {run_id})", recorded.protocol);
     let report = crate::devices::check_with_lab(
-        biofoundry::source::SourceFile::new(&name, &recorded.text),
+        biofoundry::source::SourceFile::new(recorded.source_path(&lab.data_dir()), &recorded.text),
         &recorded.params,
         &lab,
         &recorded.binds,

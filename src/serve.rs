@@ -30,6 +30,18 @@ use tokio::task::JoinHandle;
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a run may take to reach a safe state when the controller stops.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest diagnostic message quoted in a rejection (the whole one is in
+/// `biofoundry check`); keeps `cmd_result` small whatever a protocol holds.
+const MAX_REASON_MESSAGE_CHARS: usize = 500;
+
+/// `text` cut to `max` characters, marked when cut.
+fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 /// Longest a setpoint write from MES may take (the driver has its own reply timeouts).
 const SETPOINT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -597,7 +609,15 @@ impl Workcell {
             return;
         }
         let source = match protocol {
-            ProtocolSource::Toml(text) => SourceFile::new(format!("mes-{id}.toml"), text),
+            // Its own empty folder: a `definition` path in it cannot reach
+            // files next to the controller's working directory.
+            ProtocolSource::Toml(text) => SourceFile::new(
+                self.lab
+                    .data_dir()
+                    .join("mes")
+                    .join(format!("mes-{id}.toml")),
+                text,
+            ),
             ProtocolSource::Name(name) => {
                 let Some((dir, names)) = library(&self.lab) else {
                     self.answer(id, CmdStatus::Rejected, Some("this controller has no protocol library ([controller] protocols in the lab file); send protocol_toml"), None);
@@ -657,7 +677,7 @@ impl Workcell {
                     format!(
                         "{}:{line}:{col}: {} [{}]",
                         report.file.display_path(),
-                        d.message,
+                        clip(&d.message, MAX_REASON_MESSAGE_CHARS),
                         d.code
                     )
                 })
@@ -704,7 +724,14 @@ impl Workcell {
         );
         let mut bus = EventBus::new();
         // The journal first: an event is in it before MQTT reports it.
-        match crate::journal::begin_run(&self.lab, &info, &text, &setup, &format!("mes ({id})")) {
+        match crate::journal::begin_run(
+            &self.lab,
+            &info,
+            &text,
+            &setup,
+            &format!("mes ({id})"),
+            &protocol.file.path,
+        ) {
             Ok(journal) => bus.add_sink(Box::new(journal)),
             Err(e) => {
                 self.answer(
@@ -831,7 +858,7 @@ impl Workcell {
         }
         let run_id = recorded.run_id.clone();
         let source = SourceFile::new(
-            format!("{} (journal of run {run_id})", recorded.protocol),
+            recorded.source_path(&self.lab.data_dir()),
             recorded.text.clone(),
         );
         let checked = check_with_lab(source, &recorded.params, &self.lab, &recorded.binds)
@@ -922,5 +949,17 @@ impl Workcell {
         if let Ok(mut r) = self.current_run.lock() {
             *r = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn long_messages_are_clipped_on_a_character_boundary() {
+        assert_eq!(clip("abcdef", 3), "abc…");
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("µµµµ", 2), "µµ…");
     }
 }

@@ -24,8 +24,9 @@ use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 /// How long [`start_embedded`] waits for the broker to accept connections.
 pub const START_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The largest PUBLISH payload the broker accepts.
-pub const MAX_PAYLOAD_SIZE: usize = 2 << 20;
+/// The largest PUBLISH payload the broker accepts: what the controller may
+/// send ([`crate::mqtt::link::MAX_PACKET`]), so its own broker refuses nothing.
+pub const MAX_PAYLOAD_SIZE: usize = crate::mqtt::link::MAX_PACKET;
 
 /// Why the embedded broker could not be started (or stopped running).
 #[derive(Debug, thiserror::Error)]

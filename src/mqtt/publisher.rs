@@ -425,6 +425,9 @@ impl Publisher {
     }
 
     /// A step's (or a prompt's) progress on `run/<run_id>/event`.
+    /// Longest `detail` of a run event on MQTT.
+    pub const MAX_DETAIL_CHARS: usize = 4096;
+
     pub fn run_event(
         &self,
         run_id: &str,
@@ -434,6 +437,12 @@ impl Publisher {
         phase: StepPhase,
         detail: Option<&str>,
     ) -> Result<(), OutboxError> {
+        // Log and prompt texts are the protocol's: bounded on MQTT (the
+        // journal keeps them whole).
+        let detail = detail.map(|d| match d.char_indices().nth(Self::MAX_DETAIL_CHARS) {
+            Some((at, _)) => format!("{}…", &d[..at]),
+            None => d.to_string(),
+        });
         let body = json!({
             "ts": timestamp(unix_ms),
             "step_id": step_id,

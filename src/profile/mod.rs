@@ -225,10 +225,31 @@ pub fn read_bounded(path: &Path) -> Result<String, ProfileError> {
             error: format!("larger than {} KiB", MAX_PROFILE_BYTES / 1024),
         });
     }
-    std::fs::read_to_string(path).map_err(|e| ProfileError::Io {
+    if !meta.is_file() {
+        return Err(ProfileError::Io {
+            path: path.to_path_buf(),
+            error: "not a regular file".into(),
+        });
+    }
+    // The size said is not trusted: read one byte past the limit at most.
+    use std::io::Read;
+    let io = |e: std::io::Error| ProfileError::Io {
         path: path.to_path_buf(),
         error: e.to_string(),
-    })
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_PROFILE_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() > MAX_PROFILE_BYTES {
+        return Err(ProfileError::Io {
+            path: path.to_path_buf(),
+            error: format!("larger than {} KiB", MAX_PROFILE_BYTES / 1024),
+        });
+    }
+    Ok(text)
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -1076,6 +1097,24 @@ steps = [{ send = "M18" }]
         assert_eq!(p.id, "temp");
         assert_eq!(p.kind, DeviceKind::TemperatureModule);
         assert_eq!(p.limits["temperature"].max, 95.0);
+    }
+
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_bounded(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_PROFILE_BYTES + 1]).unwrap();
+        assert!(
+            read_bounded(&big)
+                .unwrap_err()
+                .to_string()
+                .contains("larger than")
+        );
+        let ok = dir.path().join("ok.toml");
+        std::fs::write(&ok, "x = 1").unwrap();
+        assert_eq!(read_bounded(&ok).unwrap(), "x = 1");
     }
 
     #[test]
