@@ -307,6 +307,43 @@ async fn step_timeout_counts_as_an_error() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retried_wait_until_gets_its_whole_timeout_again() {
+    // A condition that never holds, retried twice by the policy, then by the
+    // operator (which gives the policy its retries back): every attempt
+    // waits its full 10 minutes.
+    let w = world();
+    let text = format!(
+        "{DECK}\n[[step]]\nid = \"warm\"\ndo = \"wait_until\"\ncondition = \"inc.temperature >= 90 C\"\npoll = \"30 s\"\ntimeout = \"10 min\"\non_error = \"retry\"\nretries = 2\n"
+    );
+    let mut r = start(&w, &text).await;
+    until_state(&mut r, RunState::Held).await;
+    let events = r.events.snapshot();
+    let failed_at = time_of(&events, "warm", StepPhase::Failed);
+    // 10 min, 1 s back-off, 10 min, 2 s back-off, 10 min.
+    assert!(
+        (failed_at - 1803.0).abs() < 35.0,
+        "held after {failed_at} s"
+    );
+    assert_eq!(
+        step_phases(&events, "warm")
+            .iter()
+            .filter(|p| **p == StepPhase::Retrying)
+            .count(),
+        2
+    );
+    r.handle.command(RunCommand::Retry, "test").await.unwrap();
+    let retried_at = w.clock.now_s();
+    until_state(&mut r, RunState::Held).await;
+    let held_again = w.clock.now_s() - retried_at;
+    assert!(
+        (held_again - 1803.0).abs() < 35.0,
+        "held again after {held_again} s"
+    );
+    r.handle.command(RunCommand::Abort, "test").await.unwrap();
+    assert_eq!(finish(r).await.0.state, RunState::Aborted);
+}
+
+#[tokio::test(start_paused = true)]
 async fn monitors_hold_or_alarm() {
     // The culture sits at about 22 C: a 36..38 C limit is violated at once.
     let text = r#"

@@ -440,6 +440,14 @@ enum StepStatus {
     Skipped,
 }
 
+impl StepRun {
+    /// When the current attempt runs out of time, if the step has a timeout.
+    fn deadline_s(&self) -> Option<f64> {
+        let from = self.attempt_from_s.or(self.started_s)?;
+        self.timeout_s.map(|t| from + t)
+    }
+}
+
 struct StepRun {
     id: String,
     action: String,
@@ -465,6 +473,9 @@ struct StepRun {
     /// End of the `wait` in progress, kept across a pause.
     wait_until_s: Option<f64>,
     started_s: Option<f64>,
+    /// Start of the current attempt: the step's `timeout` counts from here, so
+    /// a retry (by the policy or the operator) gets the whole timeout again.
+    attempt_from_s: Option<f64>,
     ended_s: Option<f64>,
     /// When the operation in flight started, for busy time.
     op_started_s: f64,
@@ -614,6 +625,7 @@ impl Executor {
                 not_before_s: 0.0,
                 wait_until_s: None,
                 started_s: None,
+                attempt_from_s: None,
                 ended_s: None,
                 op_started_s: 0.0,
                 busy_s: 0.0,
@@ -1170,9 +1182,11 @@ impl Executor {
                 Effect::CancelInFlight => self.cancel_in_flight(),
                 Effect::RunSafeStates => self.run_safe_states(),
                 Effect::RetryFailedStep => {
+                    let now = self.now();
                     for s in self.steps.iter_mut().filter(|s| s.failed.is_some()) {
                         s.failed = None;
                         s.attempts = 0;
+                        s.attempt_from_s = Some(now);
                     }
                 }
                 Effect::SkipFailedStep => {
@@ -1283,11 +1297,13 @@ impl Executor {
                 wake = Some(wake.map_or(s.not_before_s, |w: f64| w.min(s.not_before_s)));
             }
             // Prompts and holds have no task; their timeouts are checked here.
-            if let (Some(t), Some(start)) = (s.timeout_s, s.started_s)
+            // A deadline already past is the task's own timeout to report;
+            // waking for it would spin without letting that task run.
+            if let Some(deadline) = s.deadline_s()
                 && s.in_flight
                 && !s.device_op
+                && deadline > now
             {
-                let deadline = start + t;
                 wake = Some(wake.map_or(deadline, |w: f64| w.min(deadline)));
             }
         }
@@ -1315,7 +1331,7 @@ impl Executor {
             .copied()
             .filter(|&i| {
                 let s = &self.steps[i];
-                matches!((s.timeout_s, s.started_s), (Some(t), Some(start)) if now >= start + t)
+                s.deadline_s().is_some_and(|d| now >= d)
             })
             .collect();
         for i in overdue {
@@ -1448,8 +1464,8 @@ impl Executor {
         );
         let remaining = s
             .timeout_s
-            .zip(s.started_s)
-            .map(|(t, start)| (t, start + t - now));
+            .zip(s.deadline_s())
+            .map(|(t, deadline)| (t, deadline - now));
         match op {
             Op::Log { message } => {
                 let id = s.id.clone();
@@ -1671,6 +1687,7 @@ impl Executor {
                 .min(self.options.retry_max_s);
             self.steps[i].attempts += 1;
             self.steps[i].not_before_s = self.now() + delay;
+            self.steps[i].attempt_from_s = Some(self.now() + delay);
             self.emit(EventKind::Step {
                 step_id: id,
                 action,
