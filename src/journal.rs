@@ -10,6 +10,7 @@
 //! report them.
 
 use crate::runtime::events::{Event, EventKind, EventSink};
+use crate::runtime::machine::RunState;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
@@ -327,7 +328,7 @@ impl Journal {
         Ok(self
             .runs()?
             .into_iter()
-            .filter(|r| !matches!(r.state.as_str(), "completed" | "aborted" | "stopped"))
+            .filter(|r| !RunState::from_name(&r.state).is_some_and(RunState::is_final))
             .collect())
     }
 
@@ -731,7 +732,8 @@ fn import_tails(conn: &Connection, journal: &Path) -> Result<(), rusqlite::Error
             if kind == "run_state" {
                 let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
                 if let Some(state) = v["state"].as_str() {
-                    let ended = matches!(state, "completed" | "aborted" | "stopped")
+                    let ended = RunState::from_name(state)
+                        .is_some_and(RunState::is_final)
                         .then(|| v["unix_ms"].as_i64())
                         .flatten();
                     tx.execute(

@@ -370,12 +370,25 @@ async fn load_and_unload(b: &Bench, id: &str) {
     let beyond = inc.slots() + 1;
     refused_before_sending(faults, "load beyond the slots", inc.load("plate-b", beyond)).await;
     ok("load plate-b 4", inc.load("plate-b", 4)).await;
-    ok("unload plate-a", inc.unload("plate-a")).await;
-    refused_before_sending(faults, "unload what left", inc.unload("plate-a")).await;
+    ok("unload plate-a", inc.unload("plate-a", 3)).await;
+    refused_before_sending(faults, "unload what left", inc.unload("plate-a", 3)).await;
     // Slot 3 is free again, for the simulator too.
     ok("load plate-c 3", inc.load("plate-c", 3)).await;
-    ok("unload plate-b", inc.unload("plate-b")).await;
-    ok("unload plate-c", inc.unload("plate-c")).await;
+    ok("unload plate-b", inc.unload("plate-b", 4)).await;
+    ok("unload plate-c", inc.unload("plate-c", 3)).await;
+    // Two runs' plates of one name: each is unloaded from its own slot.
+    ok("load plate 5", inc.load("plate", 5)).await;
+    ok("load plate 6", inc.load("plate", 6)).await;
+    ok("unload plate from 6", inc.unload("plate", 6)).await;
+    let reason =
+        refused_before_sending(faults, "unload from 6 again", inc.unload("plate", 6)).await;
+    assert!(reason.contains("not in slot 6"), "{reason}");
+    ok("load plate-d 6", inc.load("plate-d", 6)).await;
+    let reason =
+        refused_before_sending(faults, "unload the wrong name", inc.unload("plate", 6)).await;
+    assert!(reason.contains("slot 6 holds plate-d"), "{reason}");
+    ok("unload plate from 5", inc.unload("plate", 5)).await;
+    ok("unload plate-d from 6", inc.unload("plate-d", 6)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,13 +419,13 @@ transport = "serial://{dir}/liconic"
         ),
         (
             "unload with the door open",
-            refused_before_sending(b.faults("inc1"), "unload", inc.unload("plate-d")).await,
+            refused_before_sending(b.faults("inc1"), "unload", inc.unload("plate-d", 4)).await,
         ),
     ] {
         assert!(r.contains("door is `open`, needs `closed`"), "{what}: {r}");
     }
     ok("close the door", inc.command("close_door")).await;
-    ok("unload with the door closed", inc.unload("plate-d")).await;
+    ok("unload with the door closed", inc.unload("plate-d", 4)).await;
     b.finish().await;
 }
 
@@ -814,17 +827,20 @@ transport = "serial://{{dir}}/alicat"
     let before = ok("read ph", br.read("ph")).await.value;
     ok("dose base", br.feed("base", Some(200.0), None, None)).await;
     let after = ok("read ph", br.read("ph")).await.value;
+    // The dose is timed on the lab clock: 200 uL, not what the pump would
+    // pass in that many real seconds (a hundred times more here).
     assert!(
-        after > before + 0.3,
+        after > before + 0.05 && after < before + 0.5,
         "base raises the pH: {before} -> {after}"
     );
     let base = b.instrument("br1.base");
     let rate = ok("base rate", base.device().read("rate")).await;
     assert_eq!(rate.value, 0.0, "the base pump stopped");
-    // A timed feed runs on after the call and stops by itself.
+    // A timed feed runs on after the call and stops by itself, on the lab
+    // clock: 100 lab seconds are 1 s here.
     ok(
-        "feed at 5 mL/min for 0.5 s",
-        br.feed("feed", None, Some(5.0), Some(0.5)),
+        "feed at 5 mL/min for 100 s",
+        br.feed("feed", None, Some(5.0), Some(100.0)),
     )
     .await;
     let rate = ok("feed rate", feed.device().read("rate")).await;
@@ -839,6 +855,16 @@ transport = "serial://{{dir}}/alicat"
     })
     .await;
     assert!(stopped.is_ok(), "the timed feed stops");
+    // Stopped by the controller before its time (a resumed run whose feed
+    // ran out while the controller was away).
+    ok(
+        "feed at 5 mL/min for 10 h",
+        br.feed("feed", None, Some(5.0), Some(36_000.0)),
+    )
+    .await;
+    ok("stop the feed", br.stop_feed("feed")).await;
+    let rate = ok("feed rate", feed.device().read("rate")).await;
+    assert_eq!(rate.value, 0.0, "stopped");
     let e = call("feed acid", br.feed("acid", Some(10.0), None, None)).await;
     assert!(matches!(e, Err(DeviceError::Refused { .. })), "{e:?}");
 

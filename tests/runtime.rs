@@ -7,8 +7,11 @@ use biofoundry::clock::Clock;
 use biofoundry::device::{DeviceHandle, DeviceState, Lab};
 use biofoundry::protocol::Protocol;
 use biofoundry::runtime::events::{AlarmState, Event, EventBus, EventKind, MemorySink, StepPhase};
-use biofoundry::runtime::executor::{RunHandle, RunOptions, RunReport, RunSetup, spawn};
+use biofoundry::runtime::executor::{
+    RunHandle, RunOptions, RunReport, RunSetup, spawn, spawn_resumed,
+};
 use biofoundry::runtime::machine::{RunCommand, RunState};
+use biofoundry::runtime::recovery::recover;
 use biofoundry::sim::{
     FaultKind, Injectable, InjectedFault, SimBioreactor, SimIncubator, SimLiquidHandler,
     SimOptions, SimTiming,
@@ -570,5 +573,305 @@ fn binding_errors_name_the_role_and_the_device() {
     assert_eq!(
         bind(two, &[("a", "freezer")]).as_deref(),
         Some("--bind a=freezer: the lab has no device `freezer`")
+    );
+}
+
+/// Takes a run up from journal `events` (entry bodies as the journal has
+/// them) on the world's simulated lab.
+async fn take_up(w: &World, text: &str, events: Vec<serde_json::Value>) -> Running {
+    let (protocol, plan) = checked(text);
+    let setup = RunSetup::new(&protocol, plan, &w.lab, &[], RunOptions::default()).unwrap();
+    let events: Vec<(u64, serde_json::Value)> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            let seq = i as u64 + 1;
+            e["seq"] = seq.into();
+            e["t_s"] = (seq as f64).into();
+            e["unix_ms"] = (1_000 + seq).into();
+            (seq, e)
+        })
+        .collect();
+    let resumption = recover(&events, &setup, 1_000 + events.len() as u64, 1.0).unwrap();
+    let sink = MemorySink::default();
+    let mut bus = EventBus::continuing_after(resumption.after_seq);
+    bus.add_sink(Box::new(sink.clone()));
+    let (handle, task) = spawn_resumed(setup, resumption, w.clock, bus);
+    handle.command(RunCommand::Start, "test").await.unwrap();
+    Running {
+        handle,
+        task,
+        events: sink,
+    }
+}
+
+fn state(state: &str, reason: Option<&str>) -> serde_json::Value {
+    serde_json::json!({"type": "run_state", "state": state, "reason": reason})
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_ending_when_the_controller_stopped_is_ended_not_taken_up() {
+    let text = format!(
+        "{DECK}\n[[step]]\nid = \"warm\"\ndo = \"inc.set_temperature\"\ntemperature = \"30 C\"\n[[step]]\nid = \"later\"\ndo = \"wait\"\nduration = \"1 h\"\nafter = [\"warm\"]\n"
+    );
+    let started = serde_json::json!({"type": "step", "step_id": "warm", "action": "inc.set_temperature", "phase": "started"});
+    for (ending, reason, ends) in [
+        ("aborting", None, RunState::Aborted),
+        (
+            "aborting",
+            Some("step `warm` failed: no answer"),
+            RunState::Failed,
+        ),
+        ("stopping", None, RunState::Stopped),
+    ] {
+        let w = world();
+        let r = take_up(
+            &w,
+            &text,
+            vec![
+                state("running", None),
+                started.clone(),
+                state(ending, reason),
+            ],
+        )
+        .await;
+        let (report, events) = finish(r).await;
+        assert_eq!(report.state, ends, "{ending} {reason:?}");
+        assert!(
+            step_phases(&events, "warm").is_empty() && step_phases(&events, "later").is_empty(),
+            "no step runs: {events:?}"
+        );
+        // Nothing but the safe state reached the incubator.
+        let log = w.inc.log();
+        assert!(
+            !log.is_empty() && log.iter().all(|l| l.contains("safe")),
+            "{log:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Resumed { .. })),
+            "{events:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_run_comes_back_held_and_a_failed_step_still_failed() {
+    let text = format!(
+        "{DECK}\n[[step]]\nid = \"warm\"\ndo = \"inc.set_temperature\"\ntemperature = \"30 C\"\n[[step]]\nid = \"later\"\ndo = \"wait\"\nduration = \"1 h\"\nafter = [\"warm\"]\n"
+    );
+    let started = serde_json::json!({"type": "step", "step_id": "warm", "action": "inc.set_temperature", "phase": "started"});
+    let done = |phase: &str| serde_json::json!({"type": "operation", "step_id": "warm", "index": 0, "phase": phase});
+    let completed = serde_json::json!({"type": "step", "step_id": "warm", "action": "inc.set_temperature", "phase": "completed"});
+
+    // Paused by the operator: held, and `resume` goes on.
+    let w = world();
+    let mut r = take_up(
+        &w,
+        &text,
+        vec![
+            state("running", None),
+            started.clone(),
+            done("sent"),
+            done("done"),
+            completed,
+            state("pausing", None),
+            state("paused", None),
+        ],
+    )
+    .await;
+    until_state(&mut r, RunState::Held).await;
+    tokio::time::sleep(Duration::from_secs(7200)).await;
+    assert_eq!(
+        r.handle.state(),
+        RunState::Held,
+        "it waits for the operator"
+    );
+    r.handle.command(RunCommand::Resume, "test").await.unwrap();
+    let (report, events) = finish(r).await;
+    assert_eq!(report.state, RunState::Completed);
+    assert_eq!(step_phases(&events, "warm"), Vec::<StepPhase>::new());
+
+    // A step that had failed: `resume` is refused, `skip` skips that step.
+    let w = world();
+    let failed = serde_json::json!({"type": "step", "step_id": "warm", "action": "inc.set_temperature", "phase": "failed", "detail": "incubator did not answer"});
+    let mut r = take_up(
+        &w,
+        &text,
+        vec![
+            state("running", None),
+            started,
+            done("sent"),
+            failed,
+            state("holding", Some("step `warm` failed")),
+            state("held", Some("step `warm` failed")),
+        ],
+    )
+    .await;
+    until_state(&mut r, RunState::Held).await;
+    let refused = r.handle.command(RunCommand::Resume, "test").await;
+    assert!(refused.is_err(), "{refused:?}");
+    r.handle.command(RunCommand::Skip, "test").await.unwrap();
+    let (report, events) = finish(r).await;
+    assert_eq!(report.state, RunState::Completed);
+    assert_eq!(step_phases(&events, "warm"), vec![StepPhase::Skipped]);
+    assert_eq!(w.inc.operations(), 0, "the failed step was not done again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn devices_are_connected_with_retries_while_commands_are_answered() {
+    let text = format!(
+        "{DECK}\n[[step]]\nid = \"warm\"\ndo = \"inc.set_temperature\"\ntemperature = \"30 C\"\n"
+    );
+    // Back within the retries: the run goes on.
+    let w = world();
+    w.inc.inject(InjectedFault::Offline);
+    let r = start(&w, &text).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    w.inc.inject(InjectedFault::Clear);
+    let (report, _) = finish(r).await;
+    assert_eq!(report.state, RunState::Completed, "{:?}", report.faults);
+
+    // Not back: a new run fails before any step, naming the device.
+    let w = world();
+    w.inc.inject(InjectedFault::Offline);
+    let r = start(&w, &text).await;
+    let (report, events) = finish(r).await;
+    assert_eq!(report.state, RunState::Failed);
+    assert!(
+        report
+            .faults
+            .iter()
+            .any(|f| f.contains("incubator") && f.contains("3 attempts")),
+        "{:?}",
+        report.faults
+    );
+    assert!(step_phases(&events, "warm").is_empty());
+
+    // Commands are answered while the run waits for its devices.
+    let w = world();
+    w.inc.inject(InjectedFault::Offline);
+    let r = start(&w, &text).await;
+    let answered = tokio::time::timeout(
+        Duration::from_millis(100),
+        r.handle.command(RunCommand::Abort, "test"),
+    )
+    .await;
+    assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+    assert_eq!(finish(r).await.0.state, RunState::Aborted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_taken_up_waits_for_a_device_that_is_not_back() {
+    let text = format!(
+        "{DECK}\n[[step]]\nid = \"warm\"\ndo = \"inc.set_temperature\"\ntemperature = \"30 C\"\n[[step]]\nid = \"later\"\ndo = \"wait\"\nduration = \"1 h\"\nafter = [\"warm\"]\n"
+    );
+    let w = world();
+    w.inc.inject(InjectedFault::Offline);
+    let started = serde_json::json!({"type": "step", "step_id": "warm", "action": "inc.set_temperature", "phase": "started"});
+    let r = take_up(&w, &text, vec![state("running", None), started]).await;
+    // Far beyond the three attempts a new run gets.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(r.handle.state(), RunState::Running);
+    let waiting = r.events.snapshot().iter().any(|e| {
+        matches!(&e.kind, EventKind::DeviceState { device, state: DeviceState::Fault, reason: Some(why) }
+            if device == "incubator" && why.contains("the run waits for it"))
+    });
+    assert!(waiting, "{:?}", r.events.snapshot());
+    w.inc.inject(InjectedFault::Clear);
+    let (report, events) = finish(r).await;
+    assert_eq!(report.state, RunState::Completed);
+    assert_eq!(
+        step_phases(&events, "later"),
+        vec![StepPhase::Started, StepPhase::Completed]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_safe_state_is_tried_again_after_a_lost_reply() {
+    let text = format!("{DECK}\n[[step]]\nid = \"w\"\ndo = \"wait\"\nduration = \"1 h\"\n");
+    let w = world();
+    let r = start(&w, &text).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    w.inc.inject(InjectedFault::Offline);
+    r.handle.command(RunCommand::Abort, "test").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.inc.inject(InjectedFault::Clear);
+    let (report, events) = finish(r).await;
+    assert_eq!(report.state, RunState::Aborted);
+    let safe_state_alarms = events
+        .iter()
+        .filter(
+            |e| matches!(&e.kind, EventKind::Alarm { alarm_id, .. } if alarm_id == "safe-state"),
+        )
+        .count();
+    assert_eq!(safe_state_alarms, 0, "{:?}", report.faults);
+    assert!(w.inc.log().iter().any(|l| l.contains("safe")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_timed_feed_goes_on_for_what_is_left_or_stops_when_taken_up() {
+    let text = r#"
+format = "biofoundry.protocol/1"
+[protocol]
+name = "feeds"
+[devices]
+br = "bioreactor"
+[[step]]
+id = "feed"
+do = "br.feed"
+pump = "feed"
+rate = "0.5 mL/min"
+duration = "1 h"
+[[step]]
+id = "base"
+do = "br.feed"
+pump = "base"
+rate = "0.2 mL/min"
+duration = "1 s"
+[[step]]
+id = "later"
+do = "wait"
+duration = "10 min"
+after = ["feed", "base"]
+"#;
+    let op = |step: &str, phase: &str| serde_json::json!({"type": "operation", "step_id": step, "index": 0, "phase": phase});
+    let completed = |step: &str| serde_json::json!({"type": "step", "step_id": step, "action": "br.feed", "phase": "completed"});
+    let w = world();
+    let r = take_up(
+        &w,
+        text,
+        vec![
+            state("running", None),
+            op("feed", "sent"),
+            op("feed", "done"),
+            completed("feed"),
+            op("base", "sent"),
+            op("base", "done"),
+            completed("base"),
+        ],
+    )
+    .await;
+    let (report, events) = finish(r).await;
+    assert_eq!(report.state, RunState::Completed);
+    let log = w.br.log();
+    // Done at lab second 3, taken up at second 7: 3 596 s of feed are left;
+    // the base feed ended at second 7.
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("feed feed 0.5 mL/min 3596")),
+        "{log:?}"
+    );
+    assert!(log.iter().any(|l| l == "stop base"), "{log:?}");
+    let restored = events.iter().find_map(|e| match &e.kind {
+        EventKind::Resumed { restored, .. } => Some(restored.clone()),
+        _ => None,
+    });
+    let restored = restored.unwrap().join("; ");
+    assert!(
+        restored.contains("br feed feed at 0.5 mL/min")
+            && restored.contains("br base feed stopped"),
+        "{restored}"
     );
 }

@@ -143,8 +143,10 @@ pub trait Incubator: Device {
     async fn restore_storage(&self, stored: Vec<(u32, String)>) -> DeviceResult<()>;
     /// Takes labware from the transfer station into storage `slot`.
     async fn load(&self, labware: &str, slot: u32) -> DeviceResult<()>;
-    /// Brings labware from storage to the transfer station.
-    async fn unload(&self, labware: &str) -> DeviceResult<()>;
+    /// Brings labware from storage `slot` to the transfer station (slot 0:
+    /// wherever it is stored). The slot matters: another run may have stored
+    /// labware of the same name.
+    async fn unload(&self, labware: &str, slot: u32) -> DeviceResult<()>;
 }
 
 #[async_trait]
@@ -158,6 +160,9 @@ pub trait Bioreactor: Device {
         rate_ml_min: Option<f64>,
         duration_s: Option<f64>,
     ) -> DeviceResult<()>;
+
+    /// Stops a pump's feed, if it runs (idempotent).
+    async fn stop_feed(&self, pump: &str) -> DeviceResult<()>;
 }
 
 #[async_trait]

@@ -10,6 +10,7 @@
 //! belong to the vessel's own controller; a setpoint no part provides is refused.
 
 use crate::catalogue::DeviceKind;
+use crate::clock::Clock;
 use crate::device::{Bioreactor, Device, DeviceError, DeviceHandle, DeviceResult};
 use crate::units::{Limits, Quantity};
 use async_trait::async_trait;
@@ -21,14 +22,29 @@ pub struct CompositeBioreactor {
     parts: IndexMap<String, DeviceHandle>,
     /// Timed feeds running in the background, by pump: stopped when replaced.
     feeds: Mutex<IndexMap<String, tokio::task::JoinHandle<()>>>,
+    /// The lab clock that times feeds.
+    clock: Clock,
 }
 
 impl CompositeBioreactor {
-    pub fn new(id: impl Into<String>, parts: IndexMap<String, DeviceHandle>) -> Self {
+    pub fn new(id: impl Into<String>, parts: IndexMap<String, DeviceHandle>, clock: Clock) -> Self {
         CompositeBioreactor {
             id: id.into(),
             parts,
             feeds: Mutex::new(IndexMap::new()),
+            clock,
+        }
+    }
+
+    /// Forgets the timer of a pump's timed feed, if one runs.
+    fn cancel_timer(&self, pump: &str) {
+        if let Some(task) = self
+            .feeds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .shift_remove(pump)
+        {
+            task.abort();
         }
     }
 
@@ -153,24 +169,19 @@ impl Bioreactor for CompositeBioreactor {
         duration_s: Option<f64>,
     ) -> DeviceResult<()> {
         let part = Arc::clone(self.pump(pump)?);
-        if let Some(task) = self
-            .feeds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .shift_remove(pump)
-        {
-            task.abort();
-        }
+        self.cancel_timer(pump);
         match (volume_ul, rate_ml_min, duration_s) {
             (Some(v), rate, _) => part.dispense(v, rate).await,
             (None, Some(rate), duration) => {
                 part.set("rate", Quantity::new(rate, crate::units::Dimension::Flow))
                     .await?;
                 if let Some(d) = duration {
-                    // The feed runs on; the pump stops when its time is up.
+                    // The feed runs on; the pump stops when its (lab) time is
+                    // up. A controller that stops meanwhile takes this timer
+                    // along; the resumed run starts it again.
+                    let clock = self.clock;
                     let task = tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_secs_f64(d.clamp(0.0, 1e7)))
-                            .await;
+                        clock.sleep(d.clamp(0.0, 1e7)).await;
                         if let Err(e) = part.command("stop").await {
                             tracing::error!(error = %e, "a timed feed could not stop its pump");
                         }
@@ -184,5 +195,11 @@ impl Bioreactor for CompositeBioreactor {
             }
             (None, None, _) => Err(self.refused("a feed needs a volume or a rate".into())),
         }
+    }
+
+    async fn stop_feed(&self, pump: &str) -> DeviceResult<()> {
+        let part = Arc::clone(self.pump(pump)?);
+        self.cancel_timer(pump);
+        part.command("stop").await
     }
 }

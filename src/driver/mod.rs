@@ -13,6 +13,7 @@ mod bioreactor;
 pub use bioreactor::CompositeBioreactor;
 
 use crate::catalogue::DeviceKind;
+use crate::clock::Clock;
 use crate::device::{
     DeckLabware, Device, DeviceError, DeviceHandle, DeviceResult, HeaterShaker, Incubator,
     LiquidHandler, Pump, Sensor, TemperatureModule,
@@ -101,6 +102,9 @@ pub struct ProfileDevice {
     settings: IndexMap<String, f64>,
     link: Link,
     state: Mutex<DriverState>,
+    /// The lab clock, for what the protocol times (a dispense at a rate);
+    /// the instrument's own timing (replies, profile waits) stays real.
+    clock: Clock,
 }
 
 /// Settings and parameters in scope for a template.
@@ -142,7 +146,14 @@ impl ProfileDevice {
                 states,
                 ..DriverState::default()
             }),
+            clock: Clock::new(1.0),
         }
+    }
+
+    /// The lab clock (a simulated lab may run faster than real time).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn profile(&self) -> &Arc<Profile> {
@@ -1003,14 +1014,27 @@ impl Incubator for ProfileDevice {
         Ok(())
     }
 
-    async fn unload(&self, labware: &str) -> DeviceResult<()> {
-        let slot = self
-            .state()
-            .stored
-            .iter()
-            .find(|(_, l)| l.as_str() == labware)
-            .map(|(s, _)| *s)
-            .ok_or_else(|| self.refused(format!("{labware} is not in {}", self.id)))?;
+    async fn unload(&self, labware: &str, slot: u32) -> DeviceResult<()> {
+        let slot = {
+            let state = self.state();
+            match (slot, state.stored.get(&slot)) {
+                (0, _) => state
+                    .stored
+                    .iter()
+                    .find(|(_, l)| l.as_str() == labware)
+                    .map(|(s, _)| *s)
+                    .ok_or_else(|| self.refused(format!("{labware} is not in {}", self.id)))?,
+                (_, Some(held)) if held == labware => slot,
+                (_, Some(held)) => {
+                    return Err(self.refused(format!("slot {slot} holds {held}, not {labware}")));
+                }
+                (_, None) => {
+                    return Err(
+                        self.refused(format!("{labware} is not in slot {slot} of {}", self.id))
+                    );
+                }
+            }
+        };
         self.run_action("unload", &[("slot".into(), f64::from(slot))])
             .await?;
         self.state().stored.remove(&slot);
@@ -1042,7 +1066,7 @@ impl Pump for ProfileDevice {
             return self.run_action("dispense", &params).await;
         }
         self.write_setpoint("rate", rate).await?;
-        tokio::time::sleep(Duration::from_secs_f64(duration_s.min(1e7))).await;
+        self.clock.sleep(duration_s.min(1e7)).await;
         Device::command(self, "stop").await
     }
 }

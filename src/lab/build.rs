@@ -190,12 +190,9 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
             }
         };
         let link = link.ok_or_else(|| format!("{id}: the transport does not fit the profile"))?;
-        Ok(Arc::new(ProfileDevice::new(
-            id,
-            profile,
-            &instrument.settings,
-            link,
-        )))
+        Ok(Arc::new(
+            ProfileDevice::new(id, profile, &instrument.settings, link).with_clock(backing.clock),
+        ))
     };
     for (id, device) in &lab.devices {
         match device {
@@ -222,7 +219,7 @@ pub fn connect_lab(lab: &LabFile, backing: &SimBacking) -> Result<LabRuntime, St
                     handles.insert(role.clone(), d.handle());
                 }
                 out.add(DeviceHandle::Bioreactor(Arc::new(
-                    CompositeBioreactor::new(id.clone(), handles),
+                    CompositeBioreactor::new(id.clone(), handles, backing.clock),
                 )));
             }
         }

@@ -24,10 +24,15 @@ use crate::protocol::{ErrorPolicy, Protocol, ViolationPolicy};
 use crate::units::{Limits, Quantity};
 use indexmap::IndexMap;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+
+/// Connect attempts before a device counts as absent when a run starts.
+const CONNECT_ATTEMPTS: u32 = 3;
+/// Attempts to bring a device to its safe state (reconnecting in between).
+const SAFE_STATE_ATTEMPTS: u32 = 3;
 
 /// Runtime settings that are not part of the protocol.
 #[derive(Debug, Clone)]
@@ -514,6 +519,7 @@ enum Message {
     },
     Connected {
         device: String,
+        attempt: u32,
         result: Result<(), DeviceError>,
     },
     Reconnected {
@@ -745,17 +751,48 @@ impl Executor {
         }
         // Setpoints are safe to write again, and an instrument that lost
         // power has forgotten them.
+        let limit = std::time::Duration::from_secs_f64(self.options.connect_timeout_s);
         for (role, setpoints) in &r.setpoints {
             let Some(handle) = self.bindings.get(role).cloned() else {
                 continue;
             };
             for sp in setpoints {
-                let limit = std::time::Duration::from_secs_f64(self.options.connect_timeout_s);
-                match tokio::time::timeout(limit, handle.device().set(&sp.name, sp.value)).await {
-                    Ok(Ok(())) => restored.push(format!("{role}.{} = {}", sp.name, sp.value)),
-                    Ok(Err(e)) => problems.push(format!("{role}.{}: {e}", sp.name)),
-                    Err(_) => problems.push(format!("{role}.{}: no answer", sp.name)),
+                let set = || handle.device().set(&sp.name, sp.value);
+                match with_attempts(limit, set).await {
+                    Ok(()) => restored.push(format!("{role}.{} = {}", sp.name, sp.value)),
+                    Err(e) => problems.push(format!("{role}.{}: {e}", sp.name)),
                 }
+            }
+        }
+        // A timed feed is stopped by the controller: it goes on for what is
+        // left of it, or its pump stops now if its time ran out meanwhile.
+        let now = self.now();
+        for feed in &r.timed_feeds {
+            let Some(DeviceHandle::Bioreactor(br)) = self.bindings.get(&feed.role).cloned() else {
+                continue;
+            };
+            let left = feed.ends_s - now;
+            let (pump, rate) = (feed.pump.as_str(), feed.rate_ml_min);
+            let (what, result) = if left > 0.0 {
+                let go_on = || br.feed(pump, None, Some(rate), Some(left));
+                (
+                    format!(
+                        "{} {pump} feed at {rate} mL/min for {}",
+                        feed.role,
+                        Quantity::seconds(left)
+                    ),
+                    with_attempts(limit, go_on).await,
+                )
+            } else {
+                let stop = || br.stop_feed(pump);
+                (
+                    format!("{} {pump} feed stopped (its time ran out)", feed.role),
+                    with_attempts(limit, stop).await,
+                )
+            };
+            match result {
+                Ok(()) => restored.push(what),
+                Err(e) => problems.push(format!("{} {pump} feed: {e}", feed.role)),
             }
         }
         let uncertain = r.uncertain();
@@ -803,12 +840,19 @@ impl Executor {
         for id in &started {
             self.stop_monitors(id);
         }
+        let mut failed = Vec::new();
         for (i, p) in r.steps.iter().enumerate().take(self.steps.len()) {
             if let StepProgress::Running {
-                uncertain: Some(u), ..
+                uncertain,
+                failed: f,
+                ..
             } = p
+                && let Some(why) = uncertain.as_ref().or(f.as_ref())
             {
-                self.steps[i].failed = Some(u.clone());
+                self.steps[i].failed = Some(why.clone());
+                if uncertain.is_none() {
+                    failed.push(format!("step `{}` failed: {why}", self.steps[i].id));
+                }
             }
         }
         let reason = if !problems.is_empty() {
@@ -821,16 +865,30 @@ impl Executor {
                 "resumed after the controller stopped: {}. Check the deck, then `retry` to do it again or `skip` the rest of the step",
                 uncertain.join("; ")
             ))
-        } else if matches!(r.last_state.as_str(), "held" | "holding") {
+        } else if !failed.is_empty() {
             Some(format!(
-                "resumed; the run was held when the controller stopped: {}",
-                r.last_reason.as_deref().unwrap_or("no reason recorded")
+                "resumed; held as when the controller stopped: {}. `retry` or `skip` it",
+                failed.join("; ")
             ))
         } else {
             None
         };
         if let Some(reason) = reason {
             self.input(RunInput::StepFailed, Some(reason));
+        } else if matches!(
+            r.last_state.as_str(),
+            "held" | "holding" | "paused" | "pausing"
+        ) {
+            // Held or paused by an operator: it stays so until resumed.
+            let reason = format!(
+                "resumed; the run was {} when the controller stopped{}",
+                r.last_state,
+                r.last_reason
+                    .as_deref()
+                    .map(|why| format!(": {why}"))
+                    .unwrap_or_default()
+            );
+            self.input(RunInput::Command(RunCommand::Hold), Some(reason));
         }
     }
 
@@ -884,17 +942,26 @@ impl Executor {
                 None => return self.report(),
             }
         }
+        let mut control_open = true;
         if self.state() == RunState::Running {
-            if let Err(e) = self.connect_all(&mut messages).await {
+            if let Some(r) = self.resumption.take_if(|r| r.was_ending().is_some()) {
+                // The run was ending when the controller stopped: it ends now,
+                // its devices going to their safe states, and no step runs.
+                self.finish_ending(&r);
+            } else if let Err(e) = self
+                .connect_all(&mut messages, &mut control, &mut control_open)
+                .await
+            {
                 self.faults.push(e.clone());
                 self.input(RunInput::Failure, Some(e));
             } else if let Some(r) = self.resumption.take() {
-                self.restore(&r).await;
+                if self.state().is_live() {
+                    self.restore(&r).await;
+                }
             } else {
                 self.start_monitors(None);
             }
         }
-        let mut control_open = true;
         while !self.state().is_final() {
             self.schedule();
             if self.state().is_final() {
@@ -980,54 +1047,70 @@ impl Executor {
 
     // ---- connecting ----------------------------------------------------------
 
+    /// Connects every device of the run, each up to [`CONNECT_ATTEMPTS`]
+    /// times, while commands are answered (a run can be paused, stopped or
+    /// aborted while it waits for its instruments). A new run fails if a
+    /// device cannot be connected (nothing has moved yet); a run taken up
+    /// after a restart keeps trying, backing off up to 30 s, since failing
+    /// it would abandon what it has done.
     async fn connect_all(
         &mut self,
         messages: &mut mpsc::UnboundedReceiver<Message>,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+        control_open: &mut bool,
     ) -> Result<(), String> {
+        let keep_trying = self.resumption.is_some();
         let ids: Vec<String> = self.devices.keys().cloned().collect();
+        let mut pending: HashSet<String> = HashSet::new();
         for id in &ids {
             self.device_input(id, DeviceInput::Connect, None);
-            let Some(handle) = self.handle_by_id(id) else {
-                continue;
-            };
-            let tx = self.messages_tx.clone();
-            // Real time: talking to an instrument does not speed up with the clock.
-            let limit = std::time::Duration::from_secs_f64(self.options.connect_timeout_s);
-            let device = id.clone();
-            tokio::spawn(async move {
-                let result = match tokio::time::timeout(limit, handle.device().connect()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(DeviceError::Timeout {
-                        device: device.clone(),
-                        seconds: limit.as_secs_f64(),
-                    }),
-                };
-                let _ = tx.send(Message::Connected { device, result });
-            });
-        }
-        let mut waiting = ids.len();
-        let mut first_error = None;
-        while waiting > 0 {
-            self.bus.flush();
-            let Some(m) = messages.recv().await else {
-                break;
-            };
-            if let Message::Connected { device, result } = m {
-                waiting -= 1;
-                match result {
-                    Ok(()) => {
-                        self.device_input(&device, DeviceInput::Connected, None);
-                    }
-                    Err(e) => {
-                        self.device_input(&device, DeviceInput::ConnectFailed, Some(e.to_string()));
-                        first_error
-                            .get_or_insert(format!("device {device} could not be connected: {e}"));
-                    }
-                }
+            if self.spawn_connect(id, 1) {
+                pending.insert(id.clone());
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
+        while !pending.is_empty() {
+            if !self.state().is_live() {
+                // Stopped or aborted meanwhile: the main loop ends the run.
+                return Ok(());
+            }
+            self.bus.flush();
+            tokio::select! {
+                m = messages.recv() => match m {
+                    None => break,
+                    Some(Message::Connected { device, attempt, result }) => match result {
+                        Ok(()) => {
+                            pending.remove(&device);
+                            self.reconnecting.remove(&device);
+                            self.device_input(&device, DeviceInput::Connected, None);
+                        }
+                        Err(e) if attempt < CONNECT_ATTEMPTS => {
+                            tracing::warn!(%device, attempt, error = %e, "device did not connect; trying again");
+                            self.spawn_connect(&device, attempt + 1);
+                        }
+                        Err(e) if keep_trying => {
+                            if attempt == CONNECT_ATTEMPTS {
+                                self.device_input(
+                                    &device,
+                                    DeviceInput::ConnectFailed,
+                                    Some(format!("{e}; the run waits for it, trying again every 30 s at most (stop or abort to end it)")),
+                                );
+                            }
+                            self.spawn_connect(&device, attempt + 1);
+                        }
+                        Err(e) => {
+                            self.device_input(&device, DeviceInput::ConnectFailed, Some(e.to_string()));
+                            return Err(format!(
+                                "device {device} could not be connected ({CONNECT_ATTEMPTS} attempts): {e}"
+                            ));
+                        }
+                    },
+                    Some(other) => self.message(other),
+                },
+                c = control.recv(), if *control_open => match c {
+                    Some(c) => self.control(c),
+                    None => *control_open = false,
+                },
+            }
         }
         // Tell each liquid handler what is on its deck.
         for (role, deck) in self.decks.clone() {
@@ -1038,6 +1121,66 @@ impl Executor {
             }
         }
         Ok(())
+    }
+
+    /// Starts connect attempt `attempt` (the first at once, then backing off
+    /// in real time: talking to an instrument does not speed up with the
+    /// clock). False if the run has no such device.
+    fn spawn_connect(&mut self, id: &str, attempt: u32) -> bool {
+        let Some(handle) = self.handle_by_id(id) else {
+            return false;
+        };
+        let tx = self.messages_tx.clone();
+        let limit = std::time::Duration::from_secs_f64(self.options.connect_timeout_s);
+        let delay = if attempt <= 1 {
+            0.0
+        } else {
+            2f64.powi(attempt.min(6) as i32 - 2).min(30.0)
+        };
+        let device = id.to_string();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(delay)).await;
+            let result = match tokio::time::timeout(limit, handle.device().connect()).await {
+                Ok(r) => r,
+                Err(_) => Err(DeviceError::Timeout {
+                    device: device.clone(),
+                    seconds: limit.as_secs_f64(),
+                }),
+            };
+            let _ = tx.send(Message::Connected {
+                device,
+                attempt,
+                result,
+            });
+        });
+        // Kept with the reconnects, so the run's end stops it.
+        if let Some(old) = self.reconnecting.insert(id.to_string(), task) {
+            old.abort();
+        }
+        true
+    }
+
+    /// Ends a run that was aborting or stopping when the controller stopped.
+    fn finish_ending(&mut self, r: &Resumption) {
+        self.emit(EventKind::Resumed {
+            after_seq: r.after_seq,
+            steps_completed: r.completed(),
+            continued: Vec::new(),
+            uncertain: Vec::new(),
+            restored: Vec::new(),
+        });
+        let (input, why) = match r.was_ending() {
+            Some(RunState::Stopping) => (RunInput::Command(RunCommand::Stop), "stopping"),
+            _ if r.last_reason.is_some() => (RunInput::Failure, "aborting after a failure"),
+            _ => (RunInput::Command(RunCommand::Abort), "aborting"),
+        };
+        let reason = match &r.last_reason {
+            Some(because) => format!(
+                "resumed; the run was {why} when the controller stopped ({because}): it ends now"
+            ),
+            None => format!("resumed; the run was {why} when the controller stopped: it ends now"),
+        };
+        self.input(input, Some(reason));
     }
 
     fn handle_by_id(&self, id: &str) -> Option<DeviceHandle> {
@@ -1260,12 +1403,27 @@ impl Executor {
             let mut errors = Vec::new();
             for h in handles {
                 let d = h.device();
-                match tokio::time::timeout(limit, d.safe_state()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => errors.push(e.to_string()),
-                    Err(_) => {
-                        errors.push(format!("{} did not reach its safe state in time", d.id()))
+                // A lost reply must not leave a pump feeding or a heater on:
+                // try again, reconnecting first, before raising the alarm.
+                let mut last = None;
+                for attempt in 1..=SAFE_STATE_ATTEMPTS {
+                    if attempt > 1 {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        let _ = tokio::time::timeout(limit, d.connect()).await;
                     }
+                    match tokio::time::timeout(limit, d.safe_state()).await {
+                        Ok(Ok(())) => {
+                            last = None;
+                            break;
+                        }
+                        Ok(Err(e)) => last = Some(e.to_string()),
+                        Err(_) => {
+                            last = Some(format!("{} did not reach its safe state in time", d.id()))
+                        }
+                    }
+                }
+                if let Some(e) = last {
+                    errors.push(format!("{e} ({SAFE_STATE_ATTEMPTS} attempts)"));
                 }
             }
             let _ = tx.send(Message::SafeStatesDone { errors });
@@ -1588,6 +1746,7 @@ impl Executor {
                 generation,
                 result,
             } => self.op_done(step, generation, result),
+            // A connect attempt that ended after the run stopped waiting for it.
             Message::Connected { .. } => {}
             Message::Reconnected { device } => {
                 self.reconnecting.remove(&device);
@@ -1919,6 +2078,27 @@ impl Executor {
     }
 }
 
+/// An idempotent device call, tried up to three times (each within
+/// `limit`) before its last error is returned.
+async fn with_attempts<'a, F, Fut>(limit: std::time::Duration, call: F) -> Result<(), String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), DeviceError>> + 'a,
+{
+    let mut last = String::new();
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        match tokio::time::timeout(limit, call()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "no answer".into(),
+        }
+    }
+    Err(last)
+}
+
 async fn sleep_until_opt(clock: Clock, t: Option<f64>) {
     match t {
         Some(t) => clock.sleep_until(t).await,
@@ -1985,7 +2165,7 @@ async fn perform(op: Op, ctx: OpContext) -> Result<OpOutput, DeviceError> {
             let DeviceHandle::Incubator(inc) = &handle else {
                 return Err(refused(&handle, "only an incubator moves labware"));
             };
-            let (from_role, _) = split_place(&from);
+            let (from_role, from_slot) = split_place(&from);
             let (to_role, to_slot) = split_place(&to);
             let into_storage = ctx
                 .bindings
@@ -1998,7 +2178,7 @@ async fn perform(op: Op, ctx: OpContext) -> Result<OpOutput, DeviceError> {
                     lh.remove_labware(&labware).await?;
                 }
             } else {
-                inc.unload(&labware).await?;
+                inc.unload(&labware, from_slot).await?;
                 if let Some(lh) = ctx.liquid_handler_of(to_role)
                     && let Some(mut placed) = ctx.labware.get(&labware).cloned()
                 {

@@ -62,6 +62,22 @@ impl RunState {
         }
     }
 
+    pub fn from_name(name: &str) -> Option<RunState> {
+        RunState::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Steps may still run (now or after a resume, retry or skip).
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            RunState::Running
+                | RunState::Pausing
+                | RunState::Paused
+                | RunState::Holding
+                | RunState::Held
+        )
+    }
+
     /// A run in this state will never change again.
     pub fn is_final(self) -> bool {
         matches!(

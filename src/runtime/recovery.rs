@@ -13,6 +13,7 @@
 
 use super::events::OperationPhase;
 use super::executor::RunSetup;
+use super::machine::RunState;
 use crate::device::{DeckLabware, DeckState};
 use crate::plan::{Op, PlannedSetpoint, describe};
 use crate::sim::liquid_handler::LiquidHandlerModel;
@@ -45,7 +46,19 @@ pub enum StepProgress {
         wait_until_s: Option<f64>,
         /// The operation at `next_op` was sent and may or may not have happened.
         uncertain: Option<String>,
+        /// The step had failed and held the run (retry or skip were awaited).
+        failed: Option<String>,
     },
+}
+
+/// A pump started at a rate for a duration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimedFeed {
+    pub role: String,
+    pub pump: String,
+    pub rate_ml_min: f64,
+    /// Lab time at which the pump must stop.
+    pub ends_s: f64,
 }
 
 /// Everything the executor needs to go on with a run.
@@ -64,6 +77,9 @@ pub struct Resumption {
     pub storage: IndexMap<String, Vec<(u32, String)>>,
     /// The last value written to each setpoint, by role, to write again.
     pub setpoints: IndexMap<String, Vec<PlannedSetpoint>>,
+    /// Feeds at a rate for a duration that were started: the controller
+    /// stops their pumps, so it must go on timing them.
+    pub timed_feeds: Vec<TimedFeed>,
     /// The state the run was in when it stopped, and why.
     pub last_state: String,
     pub last_reason: Option<String>,
@@ -75,6 +91,13 @@ impl Resumption {
             .iter()
             .filter(|s| matches!(s, StepProgress::Completed | StepProgress::Skipped))
             .count()
+    }
+
+    /// `Aborting` or `Stopping` if the run was ending when the controller
+    /// stopped: it is not taken up, only ended.
+    pub fn was_ending(&self) -> Option<RunState> {
+        RunState::from_name(&self.last_state)
+            .filter(|s| matches!(s, RunState::Aborting | RunState::Stopping))
     }
 
     /// Steps taken up where they were, by id.
@@ -130,6 +153,8 @@ struct Seen {
     ended: Option<&'static str>,
     /// Last operation sent and its time.
     sent: Option<(usize, f64)>,
+    /// Why the step failed, while it waits for retry or skip.
+    failed: Option<String>,
     /// Highest operation known done.
     done: Option<usize>,
 }
@@ -155,8 +180,8 @@ pub fn recover(
         .map(|(i, s)| (s.id.as_str(), i))
         .collect();
     let mut seen: Vec<Seen> = plan.steps.iter().map(|_| Seen::default()).collect();
-    // Operations that happened, in the order they finished.
-    let mut done_ops: Vec<(usize, usize)> = Vec::new();
+    // Operations that happened, in the order they finished, with the time.
+    let mut done_ops: Vec<(usize, usize, f64)> = Vec::new();
     let mut last_state = "idle".to_string();
     let mut last_reason = None;
     let (mut last_seq, mut last_t, mut last_ms) = (0u64, 0.0f64, now_ms);
@@ -194,7 +219,8 @@ pub fn recover(
             Some("step") => {
                 let i = step()?;
                 let t = field(e, "t_s").and_then(Value::as_f64).unwrap_or(0.0);
-                match field(e, "phase").and_then(Value::as_str) {
+                let phase = field(e, "phase").and_then(Value::as_str);
+                match phase {
                     Some("started") => {
                         seen[i].started_s.get_or_insert(t);
                     }
@@ -202,6 +228,11 @@ pub fn recover(
                     Some("skipped") => seen[i].ended = Some("skipped"),
                     _ => {}
                 }
+                seen[i].failed = (phase == Some("failed")).then(|| {
+                    field(e, "detail")
+                        .and_then(Value::as_str)
+                        .map_or_else(|| "failed".to_string(), str::to_string)
+                });
             }
             Some("operation") => {
                 let i = step()?;
@@ -218,11 +249,13 @@ pub fn recover(
                 let phase: Option<OperationPhase> = field(e, "phase")
                     .cloned()
                     .and_then(|p| serde_json::from_value(p).ok());
+                // An operation after a failure: the step was retried.
+                seen[i].failed = None;
                 match phase {
                     Some(OperationPhase::Sent) => seen[i].sent = Some((k, t)),
                     Some(OperationPhase::Done) => {
                         seen[i].done = Some(k);
-                        done_ops.push((i, k));
+                        done_ops.push((i, k, t));
                     }
                     None => return Err(bad("unknown operation phase")),
                 }
@@ -230,7 +263,7 @@ pub fn recover(
             _ => {}
         }
     }
-    if matches!(last_state.as_str(), "completed" | "aborted" | "stopped") {
+    if RunState::from_name(&last_state).is_some_and(RunState::is_final) {
         return Err(RecoveryError::Ended(last_state));
     }
 
@@ -264,6 +297,7 @@ pub fn recover(
                             next_op: k,
                             wait_until_s,
                             uncertain,
+                            failed: s.failed.clone(),
                         }
                     }
                     _ => StepProgress::Running {
@@ -271,6 +305,7 @@ pub fn recover(
                         next_op: after_done,
                         wait_until_s: None,
                         uncertain: None,
+                        failed: s.failed.clone(),
                     },
                 }
             }
@@ -278,17 +313,40 @@ pub fn recover(
         steps.push(progress);
     }
 
-    let (decks, storage) = replay(setup, &done_ops)?;
+    let done: Vec<(usize, usize)> = done_ops.iter().map(|&(i, k, _)| (i, k)).collect();
+    let (decks, storage) = replay(setup, &done)?;
     let mut setpoints: IndexMap<String, Vec<PlannedSetpoint>> = IndexMap::new();
-    for &(i, k) in &done_ops {
-        if let (Op::Set { setpoints: sps, .. }, Some(role)) =
-            (&plan.steps[i].operations[k].op, &plan.steps[i].device)
-        {
-            let known = setpoints.entry(role.clone()).or_default();
-            for sp in sps {
-                known.retain(|x| x.name != sp.name);
-                known.push(sp.clone());
+    let mut timed_feeds: Vec<TimedFeed> = Vec::new();
+    for &(i, k, t) in &done_ops {
+        let Some(role) = &plan.steps[i].device else {
+            continue;
+        };
+        match &plan.steps[i].operations[k].op {
+            Op::Set { setpoints: sps, .. } => {
+                let known = setpoints.entry(role.clone()).or_default();
+                for sp in sps {
+                    known.retain(|x| x.name != sp.name);
+                    known.push(sp.clone());
+                }
             }
+            // A later feed on the same pump replaces a running one.
+            Op::Feed {
+                pump,
+                volume_ul,
+                rate_ml_min,
+                duration_s,
+            } => {
+                timed_feeds.retain(|f| !(f.role == *role && f.pump == *pump));
+                if let (None, Some(rate), Some(d)) = (volume_ul, rate_ml_min, duration_s) {
+                    timed_feeds.push(TimedFeed {
+                        role: role.clone(),
+                        pump: pump.clone(),
+                        rate_ml_min: *rate,
+                        ends_s: t + d,
+                    });
+                }
+            }
+            _ => {}
         }
     }
     let away_s = now_ms.saturating_sub(last_ms) as f64 / 1000.0;
@@ -299,6 +357,7 @@ pub fn recover(
         decks,
         storage,
         setpoints,
+        timed_feeds,
         last_state,
         last_reason,
     })
@@ -594,5 +653,138 @@ tips = "always"
             recover(&wrong, &setup, 2_000, 1.0),
             Err(RecoveryError::Plan(_))
         ));
+    }
+
+    fn run_state(seq: u64, state: &str, reason: Option<&str>) -> (u64, Value) {
+        (
+            seq,
+            json!({"seq": seq, "t_s": seq as f64, "unix_ms": 1_000 + seq, "type": "run_state",
+                   "state": state, "reason": reason}),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failed_run_has_ended_and_an_ending_run_is_only_ended() {
+        let setup = setup();
+        let mut events = vec![step(1, "cool", "started"), op(2, "cool", 0, "sent")];
+        events.push(run_state(3, "aborting", Some("step `cool` failed")));
+        let r = recover(&events, &setup, 2_000, 1.0).unwrap();
+        assert_eq!(r.was_ending(), Some(RunState::Aborting));
+        events.push(run_state(4, "failed", None));
+        assert_eq!(
+            recover(&events, &setup, 2_000, 1.0).err(),
+            Some(RecoveryError::Ended("failed".into()))
+        );
+        let stopping = vec![
+            run_state(1, "running", None),
+            run_state(2, "stopping", None),
+        ];
+        let r = recover(&stopping, &setup, 2_000, 1.0).unwrap();
+        assert_eq!(r.was_ending(), Some(RunState::Stopping));
+        let held = vec![run_state(1, "running", None), run_state(2, "held", None)];
+        assert_eq!(
+            recover(&held, &setup, 2_000, 1.0).unwrap().was_ending(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_stays_failed_until_it_is_retried() {
+        let setup = setup();
+        let mut failed = step(3, "cool", "failed");
+        failed.1["detail"] = json!("tm1 did not answer");
+        let mut events = vec![step(1, "cool", "started"), op(2, "cool", 0, "sent"), failed];
+        let r = recover(&events, &setup, 2_000, 1.0).unwrap();
+        let StepProgress::Running {
+            failed: Some(why),
+            next_op: 0,
+            ..
+        } = &r.steps[0]
+        else {
+            panic!("{:?}", r.steps[0]);
+        };
+        assert_eq!(why, "tm1 did not answer");
+        // Retried by the operator: the operation is sent again.
+        events.push(op(4, "cool", 0, "sent"));
+        let r = recover(&events, &setup, 2_000, 1.0).unwrap();
+        assert!(matches!(
+            r.steps[0],
+            StepProgress::Running { failed: None, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_timed_feed_is_timed_on_and_a_later_feed_replaces_it() {
+        let text = r#"
+format = "biofoundry.protocol/1"
+[protocol]
+name = "feeds"
+[devices]
+br = "bioreactor"
+[[step]]
+id = "feed"
+do = "br.feed"
+pump = "feed"
+rate = "0.5 mL/min"
+duration = "6 h"
+[[step]]
+id = "base"
+do = "br.feed"
+pump = "base"
+rate = "0.2 mL/min"
+duration = "1 h"
+[[step]]
+id = "base_again"
+do = "br.feed"
+pump = "base"
+volume = "1 mL"
+"#;
+        let report = check_source(SourceFile::new("f.toml", text), &[], &SimulatedLab);
+        assert!(!report.has_errors(), "{:?}", report.diagnostics);
+        let (protocol, plan) = (report.protocol.unwrap(), report.plan.unwrap());
+        let lab = simulated_lab(
+            Clock::new(1.0),
+            SimOptions {
+                seed: 1,
+                timing: SimTiming::Instant,
+            },
+        );
+        let setup = RunSetup::new(&protocol, plan, &lab, &[], RunOptions::default()).unwrap();
+        let mut events = vec![
+            step(1, "feed", "started"),
+            op(2, "feed", 0, "sent"),
+            op(3, "feed", 0, "done"),
+            step(4, "feed", "completed"),
+            step(5, "base", "started"),
+            op(6, "base", 0, "sent"),
+            op(7, "base", 0, "done"),
+        ];
+        let r = recover(&events, &setup, 2_000, 1.0).unwrap();
+        assert_eq!(
+            r.timed_feeds,
+            vec![
+                TimedFeed {
+                    role: "br".into(),
+                    pump: "feed".into(),
+                    rate_ml_min: 0.5,
+                    ends_s: 3.0 + 6.0 * 3600.0,
+                },
+                TimedFeed {
+                    role: "br".into(),
+                    pump: "base".into(),
+                    rate_ml_min: 0.2,
+                    ends_s: 7.0 + 3600.0,
+                },
+            ]
+        );
+        events.extend([
+            step(8, "base", "completed"),
+            step(9, "base_again", "started"),
+            op(10, "base_again", 0, "sent"),
+            op(11, "base_again", 0, "done"),
+        ]);
+        let r = recover(&events, &setup, 2_000, 1.0).unwrap();
+        assert_eq!(r.timed_feeds.len(), 1);
+        assert_eq!(r.timed_feeds[0].pump, "feed");
     }
 }

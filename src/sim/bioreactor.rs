@@ -365,6 +365,16 @@ impl BioreactorModel {
     }
 }
 
+impl BioreactorModel {
+    fn stop_feed(&mut self, pump: &str, now: f64) -> Result<Step, String> {
+        let line = Line::parse(pump)
+            .ok_or_else(|| format!("no pump `{pump}` (feed, base, acid, antifoam)"))?;
+        self.advance(now);
+        self.runs.retain(|r| r.line != line);
+        Ok(Step::new(0.0, format!("stop {pump}")))
+    }
+}
+
 impl Model for BioreactorModel {
     const KIND: DeviceKind = DeviceKind::Bioreactor;
 
@@ -468,6 +478,10 @@ impl Bioreactor for SimBioreactor {
         self.sim
             .op(|m, now| m.feed(pump, volume_ul, rate_ml_min, duration_s, now))
             .await
+    }
+
+    async fn stop_feed(&self, pump: &str) -> DeviceResult<()> {
+        self.sim.op(|m, now| m.stop_feed(pump, now)).await
     }
 }
 

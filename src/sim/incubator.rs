@@ -78,13 +78,18 @@ impl IncubatorModel {
     /// (`at = "inc:1"` in a protocol), so labware never seen before is taken
     /// to have been stored before the run. Labware that was unloaded and not
     /// loaded again is refused.
-    fn unload(&mut self, labware: &str) -> Result<Step, String> {
+    fn unload(&mut self, labware: &str, slot: u32) -> Result<Step, String> {
         self.handler_free()?;
-        let slot = self
-            .stored
-            .iter()
-            .find(|(_, l)| l.as_str() == labware)
-            .map(|(s, _)| *s);
+        let slot = match (slot, self.stored.get(&slot)) {
+            (0, _) => self
+                .stored
+                .iter()
+                .find(|(_, l)| l.as_str() == labware)
+                .map(|(s, _)| *s),
+            (_, Some(held)) if held == labware => Some(slot),
+            (_, Some(held)) => return Err(format!("slot {slot} holds {held}, not {labware}")),
+            (_, None) => None,
+        };
         match slot {
             Some(slot) => {
                 self.stored.remove(&slot);
@@ -215,8 +220,8 @@ impl Incubator for SimIncubator {
         self.sim.op(|m, _| m.load(labware, slot)).await
     }
 
-    async fn unload(&self, labware: &str) -> DeviceResult<()> {
-        self.sim.op(|m, _| m.unload(labware)).await
+    async fn unload(&self, labware: &str, slot: u32) -> DeviceResult<()> {
+        self.sim.op(|m, _| m.unload(labware, slot)).await
     }
 }
 
@@ -248,14 +253,14 @@ mod tests {
             assert!(matches!(e, DeviceError::Refused { .. }), "{e}");
         }
         assert_eq!(inc.operations(), before);
-        inc.unload("plate").await.unwrap();
+        inc.unload("plate", 0).await.unwrap();
         // Unloaded, so no longer stored.
-        let e = inc.unload("plate").await.unwrap_err();
+        let e = inc.unload("plate", 0).await.unwrap_err();
         assert!(e.to_string().contains("not stored"), "{e}");
         assert_eq!(inc.operations(), before + 1);
         // Never seen: stored before the run (e.g. `at = "inc:1"`).
-        inc.unload("preloaded").await.unwrap();
-        assert!(inc.unload("preloaded").await.is_err());
+        inc.unload("preloaded", 0).await.unwrap();
+        assert!(inc.unload("preloaded", 0).await.is_err());
         inc.load("third", 0).await.unwrap();
         assert_eq!(inc.stored().first(), Some(&(1, "third".to_string())));
 
@@ -263,15 +268,15 @@ mod tests {
         let start = clock.now_s();
         inc.command("open_door").await.unwrap();
         assert!((clock.now_s() - start - 4.0).abs() < 0.01);
-        assert!(inc.unload("other").await.is_err());
+        assert!(inc.unload("other", 0).await.is_err());
         inc.command("close_door").await.unwrap();
         inc.set("shaking", Quantity::new(300.0, Dimension::Speed))
             .await
             .unwrap();
         assert_eq!(inc.read("shaking").await.unwrap().value, 300.0);
-        assert!(inc.unload("other").await.is_err());
+        assert!(inc.unload("other", 0).await.is_err());
         inc.command("stop_shaking").await.unwrap();
-        inc.unload("other").await.unwrap();
+        inc.unload("other", 0).await.unwrap();
         assert!(inc.command("deactivate").await.is_err());
     }
 

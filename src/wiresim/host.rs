@@ -65,10 +65,27 @@ fn new_pty() -> io::Result<(SerialStream, SerialStream, PathBuf)> {
     // `pair` takes no lock on the slave side (`set_exclusive(false)` would take
     // a shared flock and make the controller's exclusive open fail).
     let (master, slave) = SerialStream::pair().map_err(io::Error::from)?;
+    // A process that hosts simulators and starts another program must not
+    // hand it the PTYs: an "unplugged" instrument would stay plugged in for
+    // the child, which still holds the nodes open.
+    close_on_exec(&master)?;
+    close_on_exec(&slave)?;
     let name = slave
         .name()
         .ok_or_else(|| io::Error::other("the pseudo-terminal has no name"))?;
     Ok((master, slave, PathBuf::from(name)))
+}
+
+fn close_on_exec(stream: &SerialStream) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    // SAFETY: `fd` is open and owned by `stream`, which outlives the call;
+    // F_SETFD only changes the descriptor's flags.
+    let done = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if done == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Points `link` at `target`, replacing a symlink already there (never a file).
@@ -285,5 +302,26 @@ async fn host_tcp(bus: Arc<ModbusBus>, listener: TcpListener, cancel: Cancellati
         tokio::spawn(async move {
             let _ = bus.serve_tcp(stream, conn_cancel).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_child_process_does_not_inherit_the_ptys() {
+        let (_master, _slave, pts) = new_pty().unwrap();
+        // `ls` lists its own descriptors: what it inherited.
+        let out = std::process::Command::new("ls")
+            .args(["-l", "/proc/self/fd"])
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{listing}");
+        assert!(
+            !listing.contains(&*pts.to_string_lossy()) && !listing.contains("ptmx"),
+            "{listing}"
+        );
     }
 }

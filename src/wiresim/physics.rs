@@ -224,7 +224,7 @@ impl Physics for DevicePhysics {
                 let slot = slot_arg(args)?;
                 let inc = inc.clone();
                 Box::pin(async move {
-                    inc.unload(&slot_labware(slot))
+                    inc.unload(&slot_labware(slot), slot)
                         .await
                         .map_err(|e| e.to_string())
                 })
