@@ -1135,7 +1135,7 @@ impl Executor {
         let delay = if attempt <= 1 {
             0.0
         } else {
-            2f64.powi(attempt.min(6) as i32 - 2).min(30.0)
+            2f64.powi(attempt.min(7) as i32 - 2).min(30.0)
         };
         let device = id.to_string();
         let task = tokio::spawn(async move {
