@@ -1679,10 +1679,10 @@ async fn seventy_two_lab_hours_under_faults() {
         let end = r.final_state().unwrap_or("unfinished").to_string();
         let key = match (end.as_str(), r.holds.is_empty()) {
             ("completed", true) => "completed".to_string(),
-            ("completed", false) => "completed (held, resumed by MES)".to_string(),
             ("completed", false) if r.holds.iter().any(|(_, a)| a == "skip") => {
                 "completed (a step skipped by MES)".to_string()
             }
+            ("completed", false) => "completed (held, answered by MES)".to_string(),
             // A new run whose devices do not connect (3 attempts) fails before
             // its first step; MES starts the shift again. A run taken up after
             // a restart waits for its devices instead.
