@@ -6,7 +6,9 @@
 mod common;
 
 use biofoundry::mqtt::command::sign;
-use common::mqtt::{BrokerKind, BrokerOptions, Received, Subscriber, TestBroker, publish};
+use common::mqtt::{
+    BrokerKind, BrokerOptions, Received, Subscriber, TestBroker, publish, signed_command,
+};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -188,8 +190,7 @@ fn topic(rest: &str) -> String {
 }
 
 async fn command(port: u16, verb: &str, body: Value) {
-    let text = body.to_string();
-    let payload = sign(verb, &text, KEY.as_bytes());
+    let payload = signed_command(verb, &body, KEY.as_bytes());
     publish(
         port,
         &topic(&format!("cmd/{verb}")),
@@ -1057,7 +1058,7 @@ async fn sigterm_aborts_the_active_run_and_says_disconnected() {
 async fn a_retained_command_is_refused() {
     let broker = blocking(TestBroker::embedded);
     let port = broker.port();
-    let retained = sign("republish", r#"{"cmd_id":"ret1"}"#, KEY.as_bytes());
+    let retained = signed_command("republish", &json!({"cmd_id": "ret1"}), KEY.as_bytes());
     publish(port, &topic("cmd/republish"), retained.as_bytes(), true).await;
     let (sub, mut cell) = signed_workcell(port, "bf/v1/#", "retained-observer").await;
     let r = wait_result(&sub, "ret1", "rejected").await;

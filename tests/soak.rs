@@ -55,11 +55,12 @@ mod common;
 
 use biofoundry::clock::Clock;
 use biofoundry::lab::{self, LabDevice, SimBacking, SimulatedWorkcell};
-use biofoundry::mqtt::command::sign;
 use biofoundry::sim::{SimOptions, SimTiming};
 use biofoundry::source::SourceFile;
 use biofoundry::wiresim::{Fault, FaultHandle, PtyHost, SerialSimulator, Times, physics_for};
-use common::mqtt::{BrokerOptions, Received, TestBroker, client_options, free_port, publish};
+use common::mqtt::{
+    BrokerOptions, Received, TestBroker, client_options, free_port, publish, signed_command,
+};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -1128,8 +1129,7 @@ impl Soak {
         let cmd_id = format!("soak-{}-{verb}", self.commands_sent);
         body["cmd_id"] = json!(cmd_id);
         self.note(&format!("MES {verb} {cmd_id}"));
-        let text = body.to_string();
-        let payload = sign(verb, &text, KEY.as_bytes());
+        let payload = signed_command(verb, &body, KEY.as_bytes());
         let topic = format!("{ROOT}/cmd/{verb}");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

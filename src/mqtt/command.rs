@@ -189,6 +189,11 @@ impl Rejection {
     }
 }
 
+/// How long a command's `cmd_id` is remembered, and so refused as `duplicate`.
+/// A signed command must expire within it: once its id is forgotten, a
+/// recorded copy could otherwise be played again.
+pub const COMMAND_MEMORY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Turns one MQTT message into a command. `verb` is the last topic level,
 /// `key` the shared command key (when set, only signed envelopes pass), `now`
 /// the time `expires_at` is compared with.
@@ -235,6 +240,26 @@ pub fn parse_command(
     };
     let cmd_id = read_cmd_id(&object).map_err(|r| Rejection::new(None, r))?;
     match read_body(verb, &object, now) {
+        Ok((None, _)) if key.is_some() => Err(Rejection::new(
+            Some(cmd_id),
+            "a signed command needs `expires_at` (at most 30 days ahead), so that a \
+             recorded copy cannot be played again once its cmd_id is forgotten",
+        )),
+        Ok((Some(at), _))
+            if key.is_some()
+                && now
+                    .checked_add(COMMAND_MEMORY)
+                    .is_some_and(|last| at > last) =>
+        {
+            Err(Rejection::new(
+                Some(cmd_id),
+                format!(
+                    "`expires_at` {} is more than 30 days ahead: a signed command must expire \
+                 while its cmd_id is remembered",
+                    humantime::format_rfc3339(at)
+                ),
+            ))
+        }
         Ok((expires_at, args)) => Ok(Command {
             cmd_id,
             verb,
@@ -1002,7 +1027,8 @@ mod tests {
             json!({"cmd_id": "c1", "alarm_id": "a"}),
             json!({"cmd_id": "c1"}),
         ];
-        for (verb, body) in Verb::ALL.into_iter().zip(bodies) {
+        for (verb, mut body) in Verb::ALL.into_iter().zip(bodies) {
+            body["expires_at"] = json!("2023-11-15T00:00:00Z");
             let body = body.to_string();
             let envelope = sign(verb.name(), &body, KEY);
             let signed = parse_command(verb.name(), envelope.as_bytes(), Some(KEY), now());
@@ -1010,6 +1036,23 @@ mod tests {
             assert!(signed.is_ok(), "{verb}: {signed:?}");
             assert_eq!(signed, plain);
         }
+    }
+
+    #[test]
+    fn a_signed_command_must_expire_while_its_id_is_remembered() {
+        let signed = |body: Value| {
+            let envelope = sign("pause", &body.to_string(), KEY);
+            parse_command("pause", envelope.as_bytes(), Some(KEY), now())
+        };
+        let r = signed(json!({"cmd_id": "c1"})).unwrap_err();
+        assert!(r.reason.contains("needs `expires_at`"), "{}", r.reason);
+        assert_eq!(r.cmd_id.as_deref(), Some("c1"));
+        // now() is 2023-11-14T22:13:20Z; 30 days later is 2023-12-14T22:13:20Z.
+        let r = signed(json!({"cmd_id": "c2", "expires_at": "2023-12-14T22:13:21Z"})).unwrap_err();
+        assert!(r.reason.contains("more than 30 days ahead"), "{}", r.reason);
+        assert!(signed(json!({"cmd_id": "c3", "expires_at": "2023-12-14T22:13:20Z"})).is_ok());
+        // Without a key, expires_at stays optional.
+        assert!(parse("pause", r#"{"cmd_id":"c4"}"#).is_ok());
     }
 
     #[test]
@@ -1428,7 +1471,8 @@ mod tests {
 
     #[test]
     fn envelope_with_wrong_or_non_hex_signature() {
-        let good: Value = serde_json::from_str(&sign("pause", "{\"cmd_id\":\"c1\"}", KEY)).unwrap();
+        let body = r#"{"cmd_id":"c1","expires_at":"2023-11-15T00:00:00Z"}"#;
+        let good: Value = serde_json::from_str(&sign("pause", body, KEY)).unwrap();
         let wrong = sign("pause", "{\"cmd_id\":\"c1\"}", b"another key of 16+ bytes");
         let r = parse_command("pause", wrong.as_bytes(), Some(KEY), now()).unwrap_err();
         assert_eq!(r, Rejection::new(Some("c1".into()), "bad signature"));
@@ -1618,12 +1662,19 @@ mod tests {
             // Any `now`, including ones humantime could not format.
             let now = UNIX_EPOCH.checked_add(Duration::from_secs(secs)).unwrap_or(UNIX_EPOCH);
             let result = parse_command(&verb, payload.as_bytes(), keyed.then_some(KEY), now);
-            // A signed body parses exactly like the same body unsigned without a key.
+            // A signed body parses like the same body unsigned without a key,
+            // but for the expiry a signed command must have.
             if signed && keyed {
-                prop_assert_eq!(
-                    result.is_ok(),
-                    parse_command(&verb, body.as_bytes(), None, now).is_ok()
-                );
+                let plain = parse_command(&verb, body.as_bytes(), None, now);
+                match (&result, &plain) {
+                    (Ok(_), Ok(_)) | (Err(_), Err(_)) => {}
+                    (Err(r), Ok(c)) => prop_assert!(
+                        r.reason.contains("expires_at")
+                            && c.expires_at.is_none_or(|at| now.checked_add(COMMAND_MEMORY).is_some_and(|last| at > last)),
+                        "{:?}", r
+                    ),
+                    (Ok(_), Err(r)) => prop_assert!(false, "signed passed, plain refused: {:?}", r),
+                }
             }
         }
     }

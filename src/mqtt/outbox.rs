@@ -146,7 +146,7 @@ CREATE TABLE IF NOT EXISTS commands (
 
 /// Command ids are remembered this long (QoS 1 redelivery and MES retries
 /// happen within minutes; a month is generous).
-const COMMAND_MEMORY_MS: u64 = 30 * 24 * 3600 * 1000;
+const COMMAND_MEMORY_MS: u64 = super::command::COMMAND_MEMORY.as_millis() as u64;
 
 pub use crate::store::now_ms;
 
