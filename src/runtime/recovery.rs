@@ -534,7 +534,11 @@ tips = "always"
 "#;
 
     fn setup() -> RunSetup {
-        let report = check_source(SourceFile::new("r.toml", PROTOCOL), &[], &SimulatedLab);
+        setup_of(PROTOCOL)
+    }
+
+    fn setup_of(text: &str) -> RunSetup {
+        let report = check_source(SourceFile::new("r.toml", text), &[], &SimulatedLab);
         assert!(!report.has_errors(), "{:?}", report.diagnostics);
         let (protocol, plan) = (report.protocol.unwrap(), report.plan.unwrap());
         let lab = simulated_lab(
@@ -739,17 +743,7 @@ do = "br.feed"
 pump = "base"
 volume = "1 mL"
 "#;
-        let report = check_source(SourceFile::new("f.toml", text), &[], &SimulatedLab);
-        assert!(!report.has_errors(), "{:?}", report.diagnostics);
-        let (protocol, plan) = (report.protocol.unwrap(), report.plan.unwrap());
-        let lab = simulated_lab(
-            Clock::new(1.0),
-            SimOptions {
-                seed: 1,
-                timing: SimTiming::Instant,
-            },
-        );
-        let setup = RunSetup::new(&protocol, plan, &lab, &[], RunOptions::default()).unwrap();
+        let setup = setup_of(text);
         let mut events = vec![
             step(1, "feed", "started"),
             op(2, "feed", 0, "sent"),
