@@ -282,6 +282,7 @@ pub async fn serve(
         active: None,
         current_run,
         run_options: options.run_options.clone(),
+        malformed: RejectionBudget::default(),
     };
     workcell.resume_unfinished(&runtime).await;
     tokio::pin!(stop);
@@ -409,6 +410,59 @@ struct Workcell {
     active: Option<ActiveRun>,
     current_run: Arc<Mutex<Option<String>>>,
     run_options: RunOptions,
+    malformed: RejectionBudget,
+}
+
+/// How many malformed commands (unreadable, unsigned, badly signed) are
+/// answered: a flood of them must not cost an outbox commit and a log line
+/// each. Up to `BURST` at once, `PER_SECOND` on average; the rest are counted
+/// and dropped, with one warning per second saying how many.
+struct RejectionBudget {
+    tokens: f64,
+    refilled: std::time::Instant,
+    dropped: u64,
+    warned: std::time::Instant,
+}
+
+impl RejectionBudget {
+    const BURST: f64 = 50.0;
+    const PER_SECOND: f64 = 20.0;
+
+    fn new(now: std::time::Instant) -> Self {
+        RejectionBudget {
+            tokens: Self::BURST,
+            refilled: now,
+            dropped: 0,
+            warned: now,
+        }
+    }
+
+    /// Whether this rejection is answered; a dropped one is counted, and the
+    /// count is returned for a warning at most once a second.
+    fn take(&mut self, now: std::time::Instant) -> (bool, Option<u64>) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * Self::PER_SECOND).min(Self::BURST);
+        self.refilled = now;
+        let answered = self.tokens >= 1.0;
+        if answered {
+            self.tokens -= 1.0;
+        } else {
+            self.dropped += 1;
+        }
+        let report = (self.dropped > 0
+            && now.saturating_duration_since(self.warned) >= std::time::Duration::from_secs(1))
+        .then(|| {
+            self.warned = now;
+            std::mem::take(&mut self.dropped)
+        });
+        (answered, report)
+    }
+}
+
+impl Default for RejectionBudget {
+    fn default() -> Self {
+        RejectionBudget::new(std::time::Instant::now())
+    }
 }
 
 /// The topic level a command without a readable `cmd_id` is answered on.
@@ -436,9 +490,15 @@ impl Workcell {
         ) {
             Ok(c) => c,
             Err(rejection) => {
-                tracing::warn!(target: "serve", "command on {} rejected: {}", incoming.topic, rejection.reason);
-                let id = rejection.cmd_id.as_deref().unwrap_or(INVALID_CMD_ID);
-                self.answer(id, CmdStatus::Rejected, Some(&rejection.reason), None);
+                let (answered, dropped) = self.malformed.take(std::time::Instant::now());
+                if let Some(n) = dropped {
+                    tracing::warn!(target: "serve", "{n} malformed commands dropped unanswered (more than {} a second)", RejectionBudget::PER_SECOND);
+                }
+                if answered {
+                    tracing::warn!(target: "serve", "command on {} rejected: {}", incoming.topic, rejection.reason);
+                    let id = rejection.cmd_id.as_deref().unwrap_or(INVALID_CMD_ID);
+                    self.answer(id, CmdStatus::Rejected, Some(&rejection.reason), None);
+                }
                 return None;
             }
         };
@@ -954,7 +1014,28 @@ impl Workcell {
 
 #[cfg(test)]
 mod tests {
-    use super::clip;
+    use super::{RejectionBudget, clip};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_flood_of_malformed_commands_is_answered_at_a_bounded_rate() {
+        let start = Instant::now();
+        let mut budget = RejectionBudget::new(start);
+        // 10 000 at once: the burst is answered, the rest counted.
+        let answered = (0..10_000).filter(|_| budget.take(start).0).count();
+        assert_eq!(answered, RejectionBudget::BURST as usize);
+        // A second later: one warning with the count, and 20 more answers.
+        let later = start + Duration::from_secs(1);
+        let (ok, dropped) = budget.take(later);
+        assert!(ok);
+        assert_eq!(dropped, Some(10_000 - 50));
+        let answered = 1 + (0..1_000).filter(|_| budget.take(later).0).count();
+        assert_eq!(answered, RejectionBudget::PER_SECOND as usize);
+        // After a quiet minute the whole burst is there again.
+        let quiet = later + Duration::from_secs(60);
+        let answered = (0..100).filter(|_| budget.take(quiet).0).count();
+        assert_eq!(answered, RejectionBudget::BURST as usize);
+    }
 
     #[test]
     fn long_messages_are_clipped_on_a_character_boundary() {
