@@ -954,10 +954,10 @@ impl Executor {
             {
                 self.faults.push(e.clone());
                 self.input(RunInput::Failure, Some(e));
+            } else if !self.state().is_live() {
+                // Stopped or aborted while its devices connected.
             } else if let Some(r) = self.resumption.take() {
-                if self.state().is_live() {
-                    self.restore(&r).await;
-                }
+                self.restore(&r).await;
             } else {
                 self.start_monitors(None);
             }
