@@ -653,6 +653,21 @@ async fn a_run_ending_when_the_controller_stopped_is_ended_not_taken_up() {
                 .any(|e| matches!(e.kind, EventKind::Resumed { .. })),
             "{events:?}"
         );
+        let why = events.iter().find_map(|e| match &e.kind {
+            EventKind::RunState {
+                state: RunState::Aborting | RunState::Stopping,
+                reason: Some(r),
+            } => Some(r.clone()),
+            _ => None,
+        });
+        let why = why.unwrap_or_default();
+        assert!(
+            why.contains(&format!("was {}", ending)) && why.contains("it ends now"),
+            "{why}"
+        );
+        if let Some(because) = reason {
+            assert!(why.contains(because), "{why}");
+        }
     }
 }
 
@@ -808,6 +823,26 @@ async fn a_safe_state_is_tried_again_after_a_lost_reply() {
         .count();
     assert_eq!(safe_state_alarms, 0, "{:?}", report.faults);
     assert!(w.inc.log().iter().any(|l| l.contains("safe")));
+
+    // Never back: the alarm says how often it was tried.
+    let w = world();
+    let r = start(&w, &text).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    w.inc.inject(InjectedFault::Offline);
+    r.handle.command(RunCommand::Abort, "test").await.unwrap();
+    let (report, events) = finish(r).await;
+    assert_eq!(report.state, RunState::Aborted);
+    let alarm = events.iter().find_map(|e| match &e.kind {
+        EventKind::Alarm {
+            alarm_id, message, ..
+        } if alarm_id == "safe-state" => Some(message.clone()),
+        _ => None,
+    });
+    let alarm = alarm.unwrap_or_default();
+    assert!(
+        alarm.contains("incubator") && alarm.contains("(3 attempts)"),
+        "{alarm}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
