@@ -1169,6 +1169,8 @@ impl Executor {
             uncertain: Vec::new(),
             restored: Vec::new(),
         });
+        // An `abort` command changes the state without a reason; a failure
+        // (a step's `abort` policy, a monitor) always gives one.
         let (input, why) = match r.was_ending() {
             Some(RunState::Stopping) => (RunInput::Command(RunCommand::Stop), "stopping"),
             _ if r.last_reason.is_some() => (RunInput::Failure, "aborting after a failure"),
